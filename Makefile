@@ -1,0 +1,111 @@
+# One entry point for everything. Each target bootstraps the .venv it needs on first use;
+# the stamp makes the second run install nothing.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON   ?= python3
+VENV     := .venv
+PY       := $(VENV)/bin/python
+STAMP    := $(VENV)/.installed
+PROTO_OUT := protos/genrec/v1/recommender_pb2.py
+
+# CPU machines get the +cpu torch build and fbgemm-gpu-cpu; a machine with CUDA the CUDA builds.
+# Where the +cpu wheel is not on a local index, add PyTorch's own:
+#   make test PIP_TORCH_ARGS="--extra-index-url https://download.pytorch.org/whl/cpu"
+HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+ifeq ($(HAS_CUDA),1)
+TORCH_SPEC  ?= torch==2.13.0
+FBGEMM_SPEC ?= fbgemm-gpu==1.8.0
+else
+TORCH_SPEC  ?= torch==2.13.0+cpu
+FBGEMM_SPEC ?= fbgemm-gpu-cpu==1.8.0
+endif
+TORCHREC_SPEC ?= torchrec==1.8.0
+PIP_TORCH_ARGS ?=
+
+CONFIG ?= configs/ml-1m/hstu.yaml
+RUN    ?= runs/latest
+PORT   ?= 50051
+ARTIFACT ?= runs/latest/export
+ARGS   ?=
+NPROC  ?= 1
+
+.PHONY: help venv protos data train test test-slow test-all lint eval serve notebook \
+        bench-kernel bench-train bench-serve bench-engine clean
+
+help:
+	@echo "make train       download ML-1M, train HSTU ($(CONFIG)), evaluate, export   (ARGS='key=value ...')"
+	@echo "make test        the default test suite (what CI runs)"
+	@echo "make test-slow   the slow tests (network download, long training)"
+	@echo "make data        download and preprocess MovieLens-1M"
+	@echo "make eval        evaluate a run (RUN=runs/<name>)"
+	@echo "make serve       gRPC server on 127.0.0.1:$(PORT) for ARTIFACT=$(ARTIFACT)"
+	@echo "make notebook    open notebooks/offline_evaluation.ipynb"
+	@echo "make bench-kernel | bench-train | bench-serve | bench-engine"
+
+# --- environment -----------------------------------------------------------------------------
+$(STAMP): requirements/lock.txt Makefile
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(PIP_TORCH_ARGS) "$(TORCH_SPEC)" "$(FBGEMM_SPEC)"
+	$(PY) -m pip install -q -r requirements/lock.txt
+	@# torchrec's metadata pulls the CUDA fbgemm-gpu next to fbgemm-gpu-cpu, which then breaks
+	@# `import fbgemm_gpu`; its real needs are pinned in the lock instead.
+	$(PY) -m pip install -q --no-deps "$(TORCHREC_SPEC)"
+	$(PY) -c "import torch, torchrec, fbgemm_gpu, triton, grpc; print('environment ready: torch', torch.__version__)"
+	@touch $@
+
+venv: $(STAMP)
+
+protos: $(PROTO_OUT)
+$(PROTO_OUT): protos/genrec/v1/recommender.proto $(STAMP)
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=protos --pyi_out=protos --grpc_python_out=protos \
+		protos/genrec/v1/recommender.proto
+
+# --- main jobs -------------------------------------------------------------------------------
+data: $(STAMP)
+	$(PY) -m data.prepare --dataset ml-1m
+
+train: data
+	$(PY) -m torch.distributed.run --standalone --nproc-per-node=$(NPROC) -m training.train \
+		--config $(CONFIG) $(ARGS)
+
+eval: $(STAMP)
+	$(PY) -m training.evaluate --run $(RUN) $(ARGS)
+
+serve: $(STAMP) protos
+	$(PY) -m serving.server --artifact $(ARTIFACT) --port $(PORT) $(ARGS)
+
+notebook: $(STAMP)
+	$(PY) -m pip install -q notebook
+	$(VENV)/bin/jupyter notebook notebooks/offline_evaluation.ipynb
+
+# --- tests -----------------------------------------------------------------------------------
+test: $(STAMP) protos
+	TRITON_INTERPRET=1 $(PY) -m pytest -q $(ARGS)
+
+test-slow: $(STAMP) protos
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -m "slow or network" $(ARGS)
+
+test-all: $(STAMP) protos
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -m "" $(ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+# --- benchmarks (each prints a table and the command that reproduces it) -----------------------
+bench-kernel: $(STAMP)
+	$(PY) -m benchmarks.kernel $(ARGS)
+
+bench-train: data
+	$(PY) -m benchmarks.train $(ARGS)
+
+bench-serve: $(STAMP) protos
+	$(PY) -m benchmarks.serve $(ARGS)
+
+bench-engine: $(STAMP) protos
+	$(PY) -m benchmarks.engine $(ARGS)
+
+clean:
+	rm -rf .pytest_cache .ruff_cache protos/genrec/v1/*_pb2*.py protos/genrec/v1/*_pb2*.pyi
+	find . -name __pycache__ -not -path './.venv/*' -prune -exec rm -rf {} +
