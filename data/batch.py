@@ -1,0 +1,155 @@
+"""The batch type that flows from the DataLoader through TorchRec's train pipeline into the model.
+
+A batch holds B user sequences back to back (jagged): the item ids live in a ``KeyedJaggedTensor``
+(with each history's target and a shared pool of negatives) so TorchRec can shard the embedding
+lookup; timestamps, lengths and user ids are plain tensors that
+ride along. ``to``/``record_stream``/``pin_memory`` make it ``Pipelineable``, which is what lets
+``TrainPipelineSparseDist`` copy batch i+1 to the GPU on a side stream while batch i computes.
+
+Example::
+
+    >>> batch = SeqBatch.from_sequences([[3, 5, 7], [2]], [[10, 20, 30], [5]], targets=[9, 4])
+    >>> batch.lengths.tolist(), batch.item_ids().tolist()
+    ([3, 1], [3, 5, 7, 2])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.streamable import Pipelineable
+
+ITEM_FEATURE = "item"
+"""KJT key of the users' item histories (jagged, one row per user)."""
+TARGET_FEATURE = "target"
+"""KJT key of the item that follows each history (exactly one per row; 0 when unknown)."""
+NEGATIVE_FEATURE = "negative"
+"""KJT key of sampled negative items. Spread evenly over the B rows (may be empty)."""
+FEATURES = (ITEM_FEATURE, TARGET_FEATURE, NEGATIVE_FEATURE)
+"""All three keys share one item table, so one sharded lookup embeds histories, targets and negatives."""
+
+
+@dataclass
+class SeqBatch(Pipelineable):
+    """B jagged user sequences.
+
+    Attributes:
+        features: KJT with keys ``FEATURES``: the histories (dense item ids from 1), each
+            history's target (one per row, 0 when unknown) and a pool of sampled negatives
+            shared by the whole batch.
+        timestamps: [L] int64 seconds, aligned with the history values.
+        lengths: [B] int64 history lengths (>= 1).
+        user_ids: [B] int64 dense user index (-1 when unknown).
+    """
+
+    features: KeyedJaggedTensor
+    timestamps: torch.Tensor
+    lengths: torch.Tensor
+    user_ids: torch.Tensor
+
+    # --- construction ---------------------------------------------------------------------
+    @classmethod
+    def from_sequences(
+        cls,
+        items: Sequence[Sequence[int]],
+        timestamps: Sequence[Sequence[int]],
+        targets: Sequence[int] | None = None,
+        user_ids: Sequence[int] | None = None,
+        negatives: Sequence[int] | torch.Tensor | None = None,
+    ) -> SeqBatch:
+        """Builds a batch from Python lists (tests, serving). ``negatives`` is the shared pool."""
+        if len(items) == 0:
+            raise ValueError("a batch needs at least one sequence")
+        if len(items) != len(timestamps):
+            raise ValueError(f"{len(items)} item sequences but {len(timestamps)} timestamp sequences")
+        for i, (seq, ts) in enumerate(zip(items, timestamps, strict=True)):
+            if len(seq) == 0:
+                raise ValueError(f"sequence {i} is empty; every history needs at least one item")
+            if len(seq) != len(ts):
+                raise ValueError(f"sequence {i}: {len(seq)} items but {len(ts)} timestamps")
+        b = len(items)
+        lengths = torch.tensor([len(s) for s in items], dtype=torch.int64)
+        values = torch.tensor([x for s in items for x in s], dtype=torch.int64)
+        ts = torch.tensor([x for s in timestamps for x in s], dtype=torch.int64)
+        neg = torch.as_tensor(negatives if negatives is not None else [], dtype=torch.int64)
+
+        def column(xs: Sequence[int] | None, fill: int) -> torch.Tensor:
+            return torch.full((b,), fill, dtype=torch.int64) if xs is None else torch.as_tensor(xs, dtype=torch.int64)
+
+        return cls(
+            features=make_features(values, lengths, column(targets, 0), neg),
+            timestamps=ts,
+            lengths=lengths,
+            user_ids=column(user_ids, -1),
+        )
+
+    # --- views ------------------------------------------------------------------------------
+    @property
+    def batch_size(self) -> int:
+        return int(self.lengths.numel())
+
+    def item_ids(self) -> torch.Tensor:
+        """[L] the history item ids, back to back."""
+        return self.features[ITEM_FEATURE].values()
+
+    def targets(self) -> torch.Tensor:
+        """[B] the item that follows each history (0 when unknown)."""
+        return self.features[TARGET_FEATURE].values()
+
+    def negatives(self) -> torch.Tensor:
+        """[P] the shared pool of sampled negatives."""
+        return self.features[NEGATIVE_FEATURE].values()
+
+    def seq_offsets(self) -> torch.Tensor:
+        """[B+1] int64 offsets of each history in the jagged values."""
+        return torch.ops.fbgemm.asynchronous_complete_cumsum(self.lengths)
+
+    def sequences(self) -> list[list[int]]:
+        """The histories as Python lists (the inverse of ``from_sequences``)."""
+        return [s.tolist() for s in torch.split(self.item_ids(), self.lengths.tolist())]
+
+    # --- Pipelineable -----------------------------------------------------------------------
+    def to(self, device: torch.device, non_blocking: bool = False) -> SeqBatch:
+        return SeqBatch(
+            features=self.features.to(device=device, non_blocking=non_blocking),
+            timestamps=self.timestamps.to(device=device, non_blocking=non_blocking),
+            lengths=self.lengths.to(device=device, non_blocking=non_blocking),
+            user_ids=self.user_ids.to(device=device, non_blocking=non_blocking),
+        )
+
+    def record_stream(self, stream: torch.Stream) -> None:
+        self.features.record_stream(stream)
+        for t in (self.timestamps, self.lengths, self.user_ids):
+            t.record_stream(stream)
+
+    def pin_memory(self) -> SeqBatch:
+        return SeqBatch(
+            features=self.features.pin_memory(),
+            timestamps=self.timestamps.pin_memory(),
+            lengths=self.lengths.pin_memory(),
+            user_ids=self.user_ids.pin_memory(),
+        )
+
+
+def make_features(
+    items: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor, negatives: torch.Tensor
+) -> KeyedJaggedTensor:
+    """Packs histories, targets and the shared negative pool into one KJT (every key has stride B).
+
+    The pool is spread as evenly as possible over the B rows, because every KJT key needs a length
+    per row; which row a negative sits in carries no meaning.
+    """
+    b = lengths.numel()
+    if targets.numel() != b:
+        raise ValueError(f"{b} histories but {targets.numel()} targets")
+    p = negatives.numel()
+    neg_lengths = torch.full((b,), p // b, dtype=torch.int64)
+    neg_lengths[: p % b] += 1
+    return KeyedJaggedTensor.from_lengths_sync(
+        keys=list(FEATURES),
+        values=torch.cat([items, targets, negatives]),
+        lengths=torch.cat([lengths, torch.ones_like(lengths), neg_lengths]),
+    )

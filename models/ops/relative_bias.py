@@ -1,0 +1,56 @@
+"""The relative attention bias of HSTU: a learned weight per relative position and per log time gap.
+
+bias(i, j) = pos_weights[max_seq_len - 1 + j - i] + time_weights[bucket(t_i - t_j)], with
+bucket(dt) = clamp(floor(ln(max(|dt|, 1)) / time_bucket_scale), 0, num_time_buckets).
+It is passed to the attention op as parameters + timestamps, never as an [N, N] tensor, so the
+kernel can compute it in place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class RelativeBias:
+    """Inputs of the relative bias for one batch (shared by all heads).
+
+    Attributes:
+        pos_weights: [2 * max_seq_len - 1] learned weight for each relative position j - i.
+        time_weights: [num_time_buckets + 1] learned weight for each log time-gap bucket.
+        timestamps: [L] int64 timestamps of the batch's tokens (seconds).
+        time_bucket_scale: divisor of ln|dt| (generative-recommenders uses 0.301).
+    """
+
+    pos_weights: torch.Tensor
+    time_weights: torch.Tensor
+    timestamps: torch.Tensor
+    time_bucket_scale: float = 0.301
+
+    @property
+    def num_time_buckets(self) -> int:
+        return self.time_weights.numel() - 1
+
+    def buckets(self, t_query: torch.Tensor, t_key: torch.Tensor) -> torch.Tensor:
+        """Bucket index of |t_query - t_key| (broadcasting)."""
+        dt = (t_query - t_key).abs().clamp(min=1).double()
+        b = torch.floor(torch.log(dt) / self.time_bucket_scale).long()
+        return b.clamp(0, self.num_time_buckets)
+
+    def dense(self, start: int, end: int, max_seq_len: int) -> torch.Tensor:
+        """[n, n] bias of the tokens start..end (one sequence); for the reference and tests."""
+        n = end - start
+        if n > max_seq_len:
+            raise ValueError(f"sequence of length {n} exceeds max_seq_len={max_seq_len}")
+        if self.pos_weights.numel() < 2 * max_seq_len - 1:
+            raise ValueError(
+                f"pos_weights has {self.pos_weights.numel()} entries; max_seq_len={max_seq_len} needs "
+                f"{2 * max_seq_len - 1}"
+            )
+        idx = torch.arange(n, device=self.pos_weights.device)
+        rel = idx[None, :] - idx[:, None] + max_seq_len - 1
+        ts = self.timestamps[start:end]
+        return self.pos_weights[rel] + self.time_weights[self.buckets(ts[:, None], ts[None, :])]
+
