@@ -1,0 +1,122 @@
+"""Item embeddings (one TorchRec table) and the encoders' input layer.
+
+Example::
+
+    >>> table = item_embedding_collection(num_items=10, embedding_dim=4)
+    >>> table.embedding_configs()[0].num_embeddings
+    11
+    >>> layer = InputLayer(max_seq_len=8, embedding_dim=4, dropout=0.0)
+    >>> layer(torch.randn(5, 4), torch.tensor([0, 2, 5])).shape
+    torch.Size([5, 4])
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchrec.modules.embedding_configs import EmbeddingConfig
+from torchrec.modules.embedding_modules import EmbeddingCollection
+
+from data.batch import FEATURES
+from models import jagged
+
+ITEM_TABLE = "item_table"
+"""Name of the one embedding table; row 0 is padding, rows 1..num_items the items. (Not "items":
+EmbeddingCollection keeps its tables in an nn.ModuleDict, which rejects a key named like its ``items``
+method.)"""
+
+ITEM_INIT_STD = 0.02
+"""GR initialises item embeddings from a normal(0, 0.02) truncated at two standard deviations."""
+
+
+def trunc_normal_(weight: torch.Tensor, std: float) -> torch.Tensor:
+    """GR's truncated normal (cut at +-2 std), in place.
+
+    Also takes the sharded weights TorchRec hands to a table's ``init_fn`` (a ShardedTensor or DTensor),
+    by initialising the local shards.
+    """
+    with torch.no_grad():
+        if hasattr(weight, "local_shards"):
+            pieces = [shard.tensor for shard in weight.local_shards()]
+        elif hasattr(weight, "to_local"):
+            pieces = [weight.to_local()]
+        else:
+            pieces = [weight]
+        for piece in pieces:
+            nn.init.trunc_normal_(piece, std=std, a=-2 * std, b=2 * std)
+    return weight
+
+
+def init_item_rows(weight: torch.Tensor) -> torch.Tensor:
+    """``init_fn`` of the item table: GR's truncated normal, std 0.02."""
+    return trunc_normal_(weight, ITEM_INIT_STD)
+
+
+def item_embedding_collection(
+    num_items: int, embedding_dim: int, device: torch.device | None = None
+) -> EmbeddingCollection:
+    """One table of num_items + 1 rows serving the batch's three KJT keys (history, target, negatives).
+
+    ``weight_init_min/max`` bound the uniform init that some sharded (fused) kernels use instead of
+    ``init_fn``; +-2 std keeps that fallback on the same scale as GR's init.
+    """
+    table = EmbeddingConfig(
+        name=ITEM_TABLE,
+        num_embeddings=num_items + 1,
+        embedding_dim=embedding_dim,
+        feature_names=list(FEATURES),
+        init_fn=init_item_rows,
+        weight_init_min=-2 * ITEM_INIT_STD,
+        weight_init_max=2 * ITEM_INIT_STD,
+    )
+    return EmbeddingCollection(tables=[table], device=device)
+
+
+def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """x / max(||x||, eps) over the last dim (GR's L2 post-processor and item normalisation)."""
+    return F.normalize(x, dim=-1, eps=eps)
+
+
+class InputLayer(nn.Module):
+    """``dropout(item_embedding * sqrt(d) + position_embedding[position])``, jagged.
+
+    The position is the item's index in its sequence, oldest = 0, as GR's learnable positional
+    preprocessor. GR initialises this table differently per encoder (see ``xavier_init``).
+
+    Args:
+        max_seq_len: rows of the position table.
+        embedding_dim: d.
+        dropout: dropout after the sum.
+        xavier_init: True for HSTU, whose model-wide xavier_normal_ init in GR overrides the preprocessor's
+            own truncated normal(0, sqrt(1/d)); False for SASRec, which skips the preprocessor.
+    """
+
+    def __init__(
+        self,
+        max_seq_len: int,
+        embedding_dim: int,
+        dropout: float,
+        xavier_init: bool = False,
+        device: torch.device | None = None,
+    ) -> None:
+        super().__init__()
+        self.dropout = dropout
+        self.xavier_init = xavier_init
+        self.scale = math.sqrt(embedding_dim)
+        self.position_embeddings = nn.Parameter(torch.empty(max_seq_len, embedding_dim, device=device))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.xavier_init:
+            nn.init.xavier_normal_(self.position_embeddings)
+        else:
+            trunc_normal_(self.position_embeddings, std=math.sqrt(1.0 / self.position_embeddings.shape[1]))
+
+    def forward(self, item_embeddings: torch.Tensor, seq_offsets: torch.Tensor) -> torch.Tensor:
+        """[L, d] raw item rows -> [L, d] encoder input."""
+        pos = jagged.positions(seq_offsets, item_embeddings.shape[0])
+        x = item_embeddings * self.scale + self.position_embeddings[pos]
+        return F.dropout(x, self.dropout, self.training)

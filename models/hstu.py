@@ -1,0 +1,119 @@
+"""HSTU, the encoder of "Actions Speak Louder than Words" (Zhai et al., 2024), on jagged inputs.
+
+One block, for x [L, d] (all sequences of the batch back to back):
+
+    U, V, Q, K = split(SiLU(LN(x) @ W_uvqk))                       # no bias; per head dv, dv, dqk, dqk
+    A V        = causal, per sequence: SiLU(Q K^T + rab_pos + rab_time) / max_seq_len @ V
+    out        = x + W_o(Dropout(U * LN(A V))) + b_o
+
+as generative-recommenders' research model (which produced the paper's ML-1M numbers): LayerNorms
+without affine parameters (eps 1e-6), the second LayerNorm over all heads together, no 1/sqrt(d) on
+Q K^T, and one relative bias (positions and log time gaps) per block. The encoder is
+``InputLayer -> blocks -> L2 normalisation``.
+
+Example::
+
+    >>> from models.config import ModelConfig
+    >>> hstu = HSTU(ModelConfig(embedding_dim=8, attention_dim=4, linear_dim=4, max_seq_len=16))
+    >>> offsets = torch.tensor([0, 3, 5])
+    >>> users = hstu(torch.randn(5, 8), torch.arange(5) * 60, offsets)  # [L, d], one per position
+    >>> users.shape, bool(torch.allclose(users.norm(dim=-1), torch.ones(5)))
+    (torch.Size([5, 8]), True)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from models.config import ModelConfig
+from models.embeddings import InputLayer, l2_normalize
+from models.ops import RelativeBias, hstu_attention
+
+LAYER_NORM_EPS = 1e-6
+"""GR's HSTU LayerNorm epsilon."""
+
+
+class HSTUBlock(nn.Module):
+    """One HSTU layer with its own relative attention bias.
+
+    Parameters are held directly (not in nn.Linear) so that ``reset_parameters`` alone gives GR's init;
+    TorchRec's DistributedModelParallel calls it when it materialises a model built on the meta device.
+    """
+
+    def __init__(self, config: ModelConfig, device: torch.device | None = None) -> None:
+        super().__init__()
+        d, h = config.embedding_dim, config.num_heads
+        self.num_heads, self.attention_dim, self.linear_dim = h, config.attention_dim, config.linear_dim
+        self.max_seq_len = config.max_seq_len
+        self.dropout = config.dropout
+        self.time_bucket_scale = config.time_bucket_scale
+        self.attention_impl = config.attention_impl
+        width = h * (2 * config.linear_dim + 2 * config.attention_dim)
+        self.uvqk = nn.Parameter(torch.empty(d, width, device=device))
+        self.out_weight = nn.Parameter(torch.empty(d, h * config.linear_dim, device=device))
+        self.out_bias = nn.Parameter(torch.empty(d, device=device))
+        self.pos_weights = nn.Parameter(torch.empty(2 * config.max_seq_len - 1, device=device))
+        self.time_weights = nn.Parameter(torch.empty(config.num_time_buckets + 1, device=device))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # GR: uvqk and both bias tables ~ N(0, 0.02); W_o xavier-uniform; b_o keeps nn.Linear's default.
+        nn.init.normal_(self.uvqk, std=0.02)
+        nn.init.xavier_uniform_(self.out_weight)
+        bound = 1 / math.sqrt(self.out_weight.shape[1])
+        nn.init.uniform_(self.out_bias, -bound, bound)
+        nn.init.normal_(self.pos_weights, std=0.02)
+        nn.init.normal_(self.time_weights, std=0.02)
+
+    def forward(self, x: torch.Tensor, timestamps: torch.Tensor, seq_offsets: torch.Tensor) -> torch.Tensor:
+        """x [L, d], timestamps [L] int64, seq_offsets [B+1] -> [L, d]."""
+        n, h, dqk, dv = x.shape[0], self.num_heads, self.attention_dim, self.linear_dim
+        uvqk = F.silu(F.layer_norm(x, x.shape[-1:], eps=LAYER_NORM_EPS) @ self.uvqk)
+        u, v, q, k = uvqk.split([h * dv, h * dv, h * dqk, h * dqk], dim=-1)
+        rab = RelativeBias(self.pos_weights, self.time_weights, timestamps, self.time_bucket_scale)
+        av = hstu_attention(
+            q.reshape(n, h, dqk),
+            k.reshape(n, h, dqk),
+            v.reshape(n, h, dv),
+            seq_offsets,
+            self.max_seq_len,
+            alpha=1.0,  # GR does not scale Q K^T
+            rab=rab,
+            impl=self.attention_impl,
+        ).reshape(n, h * dv)
+        gated = u * F.layer_norm(av, av.shape[-1:], eps=LAYER_NORM_EPS)
+        return x + F.linear(F.dropout(gated, self.dropout, self.training), self.out_weight, self.out_bias)
+
+
+class HSTU(nn.Module):
+    """The HSTU encoder: raw item rows of B jagged histories -> L2-normalised user embeddings [L, d].
+
+    Row i of the output only depends on rows <= i of the same sequence, so it is the user embedding
+    that predicts the item after position i.
+    """
+
+    def __init__(self, config: ModelConfig, device: torch.device | None = None) -> None:
+        super().__init__()
+        self.checkpointing = config.activation_checkpointing
+        self.eps = config.l2_norm_eps
+        self.input = InputLayer(config.max_seq_len, config.embedding_dim, config.dropout, xavier_init=True,
+                                device=device)
+        self.blocks = nn.ModuleList(HSTUBlock(config, device) for _ in range(config.num_blocks))
+
+    def forward(
+        self, item_embeddings: torch.Tensor, timestamps: torch.Tensor, seq_offsets: torch.Tensor
+    ) -> torch.Tensor:
+        """item_embeddings [L, d] (table rows, unnormalised), timestamps [L] int64 seconds,
+        seq_offsets [B+1] -> [L, d] L2-normalised."""
+        x = self.input(item_embeddings, seq_offsets)
+        for block in self.blocks:
+            if self.checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, timestamps, seq_offsets, use_reentrant=False)
+            else:
+                x = block(x, timestamps, seq_offsets)
+        return l2_normalize(x, self.eps)

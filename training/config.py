@@ -1,0 +1,192 @@
+"""Typed training configuration: dataclasses loaded from YAML, overridable as ``key=value``.
+
+Example::
+
+    >>> cfg = load_config("configs/ml-1m/hstu.yaml", ["run.epochs=3", "optim.lr=2e-3"])
+    >>> cfg.run.epochs, cfg.optim.lr
+    (3, 0.002)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from models.config import ModelConfig
+
+
+class SparseOptimizer(enum.StrEnum):
+    """The embedding optimizer, fused into the backward by FBGEMM.
+
+    FBGEMM's CPU kernels only implement (row-wise) Adagrad and SGD; Adam is GPU-only.
+    AUTO picks Adam on CUDA (as generative-recommenders trains) and row-wise Adagrad on CPU.
+    """
+
+    AUTO = "auto"
+    ADAM = "adam"
+    ROWWISE_ADAGRAD = "rowwise_adagrad"
+    EXACT_ADAGRAD = "exact_adagrad"
+    SGD = "sgd"
+
+
+class ShardingKind(enum.StrEnum):
+    """How one embedding table is laid out over the ranks (TorchRec's ShardingType values)."""
+
+    TABLE_WISE = "table_wise"
+    ROW_WISE = "row_wise"
+    COLUMN_WISE = "column_wise"
+    DATA_PARALLEL = "data_parallel"
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "ml-1m"
+    """A dataset name known to ``data.prepare`` or a path to a ratings file."""
+    root: str = "datasets"
+    max_len: int = 200
+    batch_size: int = 128
+    eval_batch_size: int = 256
+    num_negatives: int = 128
+    """Size of the negative pool shared by all positions of a batch."""
+    exclude_validation_from_train: bool = False
+    """Train on s[:n-2] instead of s[:n-1], so the validation target is never seen in training."""
+    num_workers: int = 0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.98)
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    grad_clip: float = 0.0
+    """Max global norm of the dense gradients; 0 disables clipping."""
+    sparse_optimizer: SparseOptimizer = SparseOptimizer.AUTO
+    sparse_lr: float = 0.0
+    """Learning rate of the fused embedding optimizer; 0 means ``lr``."""
+    sparse_eps: float = 1e-8
+
+
+@dataclass
+class ShardingConfig:
+    tables: dict[str, ShardingKind] = field(default_factory=dict)
+    """Sharding type per table name; a table not listed is left to the planner's choice."""
+
+
+@dataclass
+class RunConfig:
+    name: str = ""
+    """Run directory name under ``out_dir``; empty means <config stem>-<timestamp>."""
+    out_dir: str = "runs"
+    epochs: int = 101
+    seed: int = 42
+    device: str = "auto"
+    """"auto" (CUDA when present), "cpu" or "cuda"."""
+    bf16: bool = True
+    """bf16 autocast for the dense forward on CUDA (ignored on CPU)."""
+    eval_every: int = 1
+    """Evaluate every N epochs (and always after the last)."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps in total (0: run all epochs). For quick looks and tests."""
+    steps_per_epoch: int = 0
+    """Cap on steps per epoch (0: the whole epoch)."""
+    checkpoint_every: int = 0
+    """Also checkpoint every N steps within an epoch (0: only at epoch ends)."""
+    keep_checkpoints: int = 2
+    resume: bool = False
+    topk: int = 200
+    """Length of the recommendation lists written to predictions.parquet."""
+    tensorboard: bool = True
+
+
+@dataclass
+class TrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sharding: ShardingConfig = field(default_factory=ShardingConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+# --- loading ---------------------------------------------------------------------------------
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
+    """Reads a YAML file into a ``TrainConfig`` and applies ``section.key=value`` overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    for item in overrides or []:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not of the form section.key=value")
+        key, value = item.split("=", 1)
+        node = raw
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = yaml.safe_load(value)
+    return _build(TrainConfig, raw, "")
+
+
+def to_dict(cfg: Any) -> Any:
+    """A plain-YAML view of a config (Enums as their values, tuples as lists)."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, enum.Enum):
+        return cfg.value
+    if isinstance(cfg, dict):
+        return {k: to_dict(v) for k, v in cfg.items()}
+    if isinstance(cfg, list | tuple):
+        return [to_dict(v) for v in cfg]
+    return cfg
+
+
+def save_config(cfg: TrainConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def _build(cls: type, raw: dict[str, Any], where: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ValueError(f"config section {where or '<root>'} must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(raw) - names
+    if unknown:
+        raise ValueError(f"unknown config key(s) {sorted(unknown)} in {where or '<root>'}; known: {sorted(names)}")
+    kwargs = {name: _coerce(hints[name], value, f"{where}{name}") for name, value in raw.items()}
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value or {}, where + ".")
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        try:
+            return tp(value)
+        except ValueError:
+            raise ValueError(f"{where}: {value!r} is not one of {[e.value for e in tp]}") from None
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return None if value is None else _coerce(args[0], value, where)
+    if origin is dict:
+        _, vt = typing.get_args(tp)
+        return {k: _coerce(vt, v, f"{where}.{k}") for k, v in (value or {}).items()}
+    if origin is tuple:
+        return tuple(_coerce(t, v, where) for t, v in zip(typing.get_args(tp), value, strict=True))
+    if tp is float and isinstance(value, int | float | str) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp is bool and isinstance(value, bool):
+        return value
+    if tp is str and isinstance(value, str | int | float):
+        return str(value)
+    if tp in (int, bool):
+        raise ValueError(f"{where}: expected {tp.__name__}, got {value!r}")
+    return value
