@@ -77,7 +77,9 @@ class SeqBatch(Pipelineable):
         neg = torch.as_tensor(negatives if negatives is not None else [], dtype=torch.int64)
 
         def column(xs: Sequence[int] | None, fill: int) -> torch.Tensor:
-            return torch.full((b,), fill, dtype=torch.int64) if xs is None else torch.as_tensor(xs, dtype=torch.int64)
+            if xs is None:
+                return torch.full((b,), fill, dtype=torch.int64)
+            return torch.as_tensor(xs, dtype=torch.int64)
 
         return cls(
             features=make_features(values, lengths, column(targets, 0), neg),

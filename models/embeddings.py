@@ -60,19 +60,32 @@ def item_embedding_collection(
 ) -> EmbeddingCollection:
     """One table of num_items + 1 rows serving the batch's three KJT keys (history, target, negatives).
 
+    FBGEMM's kernels need a row width that is a multiple of 4, so the table is ``table_dim(d)`` wide
+    and the model reads only its first d columns (``item_rows``); the rest stay at their init, unused.
+
     ``weight_init_min/max`` bound the uniform init that some sharded (fused) kernels use instead of
     ``init_fn``; +-2 std keeps that fallback on the same scale as GR's init.
     """
     table = EmbeddingConfig(
         name=ITEM_TABLE,
         num_embeddings=num_items + 1,
-        embedding_dim=embedding_dim,
+        embedding_dim=table_dim(embedding_dim),
         feature_names=list(FEATURES),
         init_fn=init_item_rows,
         weight_init_min=-2 * ITEM_INIT_STD,
         weight_init_max=2 * ITEM_INIT_STD,
     )
     return EmbeddingCollection(tables=[table], device=device)
+
+
+def table_dim(embedding_dim: int) -> int:
+    """The stored row width: d rounded up to a multiple of 4 (FBGEMM's alignment)."""
+    return -(-embedding_dim // 4) * 4
+
+
+def item_rows(values: torch.Tensor, embedding_dim: int) -> torch.Tensor:
+    """The model's d columns of looked-up table rows (drops FBGEMM's alignment padding)."""
+    return values[..., :embedding_dim]
 
 
 def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

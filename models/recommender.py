@@ -29,7 +29,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from data.batch import FEATURES, ITEM_FEATURE, NEGATIVE_FEATURE, TARGET_FEATURE, SeqBatch
 from models import jagged
 from models.config import EncoderType, ModelConfig, Negatives
-from models.embeddings import item_embedding_collection, l2_normalize
+from models.embeddings import item_embedding_collection, item_rows, l2_normalize
 from models.hstu import HSTU
 from models.loss import in_batch_negatives, sampled_softmax_loss
 from models.sasrec import SASRec
@@ -74,19 +74,21 @@ class GenerativeRecommender(nn.Module):
         """
         embeddings = self.item_embeddings(batch.features)
         seq_offsets = batch.seq_offsets()
-        history = embeddings[ITEM_FEATURE].values()
+        d = self.config.embedding_dim
+        history = item_rows(embeddings[ITEM_FEATURE].values(), d)
         users = self.encoder(history, batch.timestamps, seq_offsets)
 
         eps = self.config.l2_norm_eps
         labels = jagged.next_item_labels(batch.item_ids(), batch.targets(), seq_offsets)
-        label_embeddings = jagged.next_item_labels(history, embeddings[TARGET_FEATURE].values(), seq_offsets)
+        target_embeddings = item_rows(embeddings[TARGET_FEATURE].values(), d)
+        label_embeddings = jagged.next_item_labels(history, target_embeddings, seq_offsets)
         label_embeddings = l2_normalize(label_embeddings, eps)
         if self.config.negatives is Negatives.IN_BATCH:
             negative_ids, negative_embeddings = in_batch_negatives(labels, label_embeddings)
         else:
             negative_ids = batch.negatives()
             torch._assert(negative_ids.numel() > 0, "Negatives.UNIFORM needs the batch's negative pool")
-            negative_embeddings = l2_normalize(embeddings[NEGATIVE_FEATURE].values(), eps)
+            negative_embeddings = l2_normalize(item_rows(embeddings[NEGATIVE_FEATURE].values(), d), eps)
 
         loss, num_labels = sampled_softmax_loss(
             users, labels, label_embeddings, negative_ids, negative_embeddings, self.config.temperature
@@ -97,7 +99,8 @@ class GenerativeRecommender(nn.Module):
         """[B, d] L2-normalised user embedding at each history's last position (predicts the target)."""
         embeddings = self.item_embeddings(batch.features)
         seq_offsets = batch.seq_offsets()
-        users = self.encoder(embeddings[ITEM_FEATURE].values(), batch.timestamps, seq_offsets)
+        history = item_rows(embeddings[ITEM_FEATURE].values(), self.config.embedding_dim)
+        users = self.encoder(history, batch.timestamps, seq_offsets)
         return users[jagged.last_positions(seq_offsets)]
 
     def embed_items(self, item_ids: torch.Tensor, normalize: bool = True) -> torch.Tensor:
@@ -113,7 +116,7 @@ class GenerativeRecommender(nn.Module):
             values=ids,
             lengths=torch.tensor([0, 0, ids.numel()], dtype=torch.int64, device=ids.device),
         )
-        rows = self.item_embeddings(features)[NEGATIVE_FEATURE].values()
+        rows = item_rows(self.item_embeddings(features)[NEGATIVE_FEATURE].values(), self.config.embedding_dim)
         return l2_normalize(rows, self.config.l2_norm_eps) if normalize else rows
 
 

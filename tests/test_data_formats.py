@@ -1,0 +1,193 @@
+"""Readers: every format from a fixture file, the real ml-latest-small, and precise errors on bad rows."""
+
+from __future__ import annotations
+
+import hashlib
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from data.formats import (
+    FileSource,
+    Format,
+    MalformedFileError,
+    TextFile,
+    detect_format,
+    read_ratings,
+    read_titles,
+)
+from data.interactions import COLUMNS
+
+FIXTURES = Path(__file__).parent / "fixtures"
+FORMATS = FIXTURES / "formats"
+SLICE = FIXTURES / "ml-latest-small"
+HEADER = "userId,movieId,rating,timestamp\n"
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ml-latest-small"
+
+
+def test_movielens_csv_slice_reads_verbatim() -> None:
+    interactions = FileSource(SLICE).load()
+    frame = interactions.frame
+    assert tuple(frame.columns) == COLUMNS
+    assert [str(t) for t in frame.dtypes] == ["int64", "int64", "int64", "float64"]
+    assert interactions.counts() == (699, 8, 503)
+    # First and last data lines of the file, in file order.
+    assert frame.iloc[0].tolist() == [1, 31, 1260759144, 2.5]
+    assert frame.iloc[-1].tolist() == [8, 44004, 1154473017, 3.0]
+    assert interactions.raw_item_kind == "movieId"
+    assert interactions.source == f"movielens-csv:{SLICE / 'ratings.csv'}"
+    # movies.csv beside it gives titles, commas inside quotes included.
+    titles = interactions.titles.set_index("item")["title"]
+    assert titles[31] == "Dangerous Minds (1995)"
+    assert titles[50] == "Usual Suspects, The (1995)"
+    assert len(titles) == 503
+
+
+def test_checksum_covers_ratings_and_titles() -> None:
+    source = FileSource(SLICE / "ratings.csv")
+    expected = hashlib.sha256((SLICE / "ratings.csv").read_bytes() + (SLICE / "movies.csv").read_bytes())
+    assert source.checksum() == expected.hexdigest()
+    assert source.inputs == [SLICE / "ratings.csv", SLICE / "movies.csv"]
+
+
+@pytest.mark.skipif(not (SHARED / "ratings.csv").is_file(), reason="no ../shared/data/ml-latest-small")
+def test_full_ml_latest_small() -> None:
+    interactions = FileSource(SHARED).load()
+    assert interactions.counts() == (100_004, 671, 9_066)
+    assert interactions.frame["rating"].isin(np.arange(0.5, 5.01, 0.5)).all()
+    assert len(interactions.titles) == 9_125
+    assert interactions.frame["timestamp"].between(789_000_000, 1_477_000_000).all()  # 1995 .. 2016
+
+
+def test_movielens_dat_with_latin1_titles() -> None:
+    interactions = FileSource(FORMATS / "movielens-dat").load()
+    frame = interactions.frame
+    assert interactions.source.startswith("movielens-dat:")
+    assert len(frame) == 10
+    assert frame.iloc[5].tolist() == [3, 10, 300, 1.0]
+    titles = interactions.titles.set_index("item")["title"]
+    assert titles[20] == "Misérables, Les (1995)"  # Latin-1 byte 0xE9 in the file
+    assert titles[40] == "Star Wars: Episode IV - A New Hope (1977)"  # ':' inside a '::' file
+
+
+def test_amazon_csv_keeps_string_ids() -> None:
+    frame = read_ratings(FORMATS / "amazon_ratings.csv", Format.AMAZON_CSV)
+    assert frame["item"].tolist()[:3] == ["0000000001", "0000000002", "B00000ABCD"]  # leading zeros kept
+    assert frame["user"].iloc[0] == "A1XYZ"
+    assert frame["timestamp"].dtype == np.int64 and frame["rating"].dtype == np.float64
+
+
+def test_recbole_inter_with_crlf_and_utf8() -> None:
+    frame = read_ratings(FORMATS / "sample.inter", Format.RECBOLE_INTER)
+    assert frame["user"].tolist() == ["1m_1", "1m_1", "1m_2", "1m_2"]
+    assert frame["item"].iloc[3] == "Misérables, Les (1995)"
+    assert frame["timestamp"].tolist() == [978300760, 978302109, 978300275, 978300100]
+
+
+def test_zip_member_reads_like_a_file(tmp_path: Path) -> None:
+    archive = tmp_path / "a.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.write(FORMATS / "movielens-dat" / "ratings.dat", "inner/ratings.dat")
+    from_zip = read_ratings(TextFile(archive, "inner/ratings.dat"), Format.MOVIELENS_DAT)
+    from_file = read_ratings(FORMATS / "movielens-dat" / "ratings.dat", "movielens-dat")
+    pd.testing.assert_frame_equal(from_zip, from_file)
+
+
+@pytest.mark.parametrize(
+    ("path", "fmt"),
+    [
+        (SLICE / "ratings.csv", Format.MOVIELENS_CSV),
+        (FORMATS / "movielens-dat" / "ratings.dat", Format.MOVIELENS_DAT),
+        (FORMATS / "amazon_ratings.csv", Format.AMAZON_CSV),
+        (FORMATS / "sample.inter", Format.RECBOLE_INTER),
+    ],
+)
+def test_detect_format(path: Path, fmt: Format) -> None:
+    assert detect_format(path) is fmt
+
+
+# --- malformed rows -----------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("name", "fmt", "message"),
+    [
+        (
+            "ratings.csv",
+            Format.MOVIELENS_CSV,
+            "ratings.csv line 7: expected userId,movieId,rating,timestamp (4 fields), "
+            "got 3 fields: '1,31,2.5'",
+        ),
+        (
+            "ratings.dat",
+            Format.MOVIELENS_DAT,
+            "ratings.dat line 3: expected UserID::MovieID::Rating::Timestamp (4 fields); "
+            "Timestamp '12O' is not an integer: '2::10::5::12O'",
+        ),
+        (
+            "amazon_ratings.csv",
+            Format.AMAZON_CSV,
+            "amazon_ratings.csv line 3: expected user,item,rating,timestamp (4 fields); "
+            "timestamp '1.5e9' is not an integer",
+        ),
+        (
+            "sample.inter",
+            Format.RECBOLE_INTER,
+            "sample.inter line 3: expected user_id<tab>item_id<tab>rating<tab>timestamp (4 fields); "
+            "rating '' is not a finite number",
+        ),
+    ],
+)
+def test_malformed_fixture_names_file_and_line(name: str, fmt: Format, message: str) -> None:
+    path = FORMATS / "malformed" / name
+    with pytest.raises(MalformedFileError) as error:
+        read_ratings(path, fmt)
+    assert str(error.value).startswith(str(path.parent) + "/")
+    assert message in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "text", "line", "complaint"),
+    [
+        (Format.MOVIELENS_CSV, "userId,movieId,rating\n1,2,3.0\n", 1, "expected the header"),
+        (Format.MOVIELENS_CSV, HEADER + "1,2,3.0,4\n\n1,3,3.0,5\n", 3, "got an empty line"),
+        (Format.MOVIELENS_CSV, HEADER + "1,2,3.0,4\n1,3,nan,5\n", 3, "rating 'nan' is not a finite number"),
+        (Format.MOVIELENS_CSV, HEADER + "1,2,3.0,4\n1,3,3.0,5,6\n", 3, "got 5 fields"),
+        (Format.MOVIELENS_CSV, HEADER + "1,2,3.0,99999999999999999999\n", 2, "is not an integer"),
+        (Format.MOVIELENS_CSV, HEADER + "1,2,3.0,4\nx,3,3.0,5\n", 3, "userId 'x' is not an integer"),
+        (Format.MOVIELENS_CSV, HEADER + "1,2,3.0,4\n1,3,3.0,5.0\n", 3, "timestamp '5.0' is not an integer"),
+        (Format.MOVIELENS_DAT, "1::2::3::4\n1::3:3::5\n", 2, "got 3 fields"),
+        (Format.AMAZON_CSV, "A,1,3.0,4\n,2,3.0,5\n", 2, "user '' is not an id"),
+        (Format.AMAZON_CSV, "A,1,3.0,4\nA,\xff,3.0,5\n", 2, "not UTF-8"),
+    ],
+)
+def test_bad_rows_are_named(tmp_path: Path, fmt: Format, text: str, line: int, complaint: str) -> None:
+    path = tmp_path / "bad.txt"
+    path.write_bytes(text.encode("latin-1"))
+    with pytest.raises(MalformedFileError) as error:
+        read_ratings(path, fmt)
+    assert f"bad.txt line {line}:" in str(error.value)
+    assert complaint in str(error.value)
+
+
+def test_empty_file_is_an_error(tmp_path: Path) -> None:
+    path = tmp_path / "ratings.csv"
+    path.write_text("userId,movieId,rating,timestamp\n")
+    with pytest.raises(MalformedFileError, match="ratings.csv: no interactions"):
+        read_ratings(path, Format.MOVIELENS_CSV)
+
+
+def test_malformed_titles_are_named(tmp_path: Path) -> None:
+    path = tmp_path / "movies.dat"
+    path.write_text("1::Toy Story (1995)::Comedy\n2::Jumanji (1995)\n")
+    with pytest.raises(MalformedFileError, match=r"movies.dat line 2: expected MovieID::Title::Genres"):
+        read_titles(path)
+
+
+def test_unknown_format_and_missing_ratings_file(tmp_path: Path) -> None:
+    (tmp_path / "log.txt").write_text("a;b;c\n")
+    with pytest.raises(MalformedFileError, match="cannot tell its format from 'a;b;c'; pass --format"):
+        FileSource(tmp_path / "log.txt")
+    with pytest.raises(FileNotFoundError, match="neither ratings.csv nor ratings.dat"):
+        FileSource(tmp_path)
