@@ -30,7 +30,7 @@ ARTIFACT ?= runs/latest/export
 ARGS   ?=
 NPROC  ?= 1
 
-.PHONY: help venv protos data train test test-slow test-all lint eval serve notebook \
+.PHONY: help venv protos data data-synthetic train test test-slow test-all lint eval serve notebook \
         bench-kernel bench-train bench-serve bench-engine clean
 
 help:
@@ -65,6 +65,9 @@ $(PROTO_OUT): protos/genrec/v1/recommender.proto $(STAMP)
 # --- main jobs -------------------------------------------------------------------------------
 data: $(STAMP)
 	$(PY) -m data.prepare --dataset ml-1m
+
+data-synthetic: $(STAMP)
+	$(PY) -m data.prepare --dataset synthetic $(ARGS)
 
 train: data
 	$(PY) -m torch.distributed.run --standalone --nproc-per-node=$(NPROC) -m training.train \
