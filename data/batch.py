@@ -28,8 +28,20 @@ TARGET_FEATURE = "target"
 """KJT key of the item that follows each history (exactly one per row; 0 when unknown)."""
 NEGATIVE_FEATURE = "negative"
 """KJT key of sampled negative items. Spread evenly over the B rows (may be empty)."""
-FEATURES = (ITEM_FEATURE, TARGET_FEATURE, NEGATIVE_FEATURE)
-"""All three keys share one item table, so one sharded lookup embeds histories, targets and negatives."""
+RATING_FEATURE = "rating"
+"""KJT key of each history event's rating bucket (aligned with ITEM_FEATURE; see ``rating_buckets``)."""
+FEATURES = (ITEM_FEATURE, TARGET_FEATURE, NEGATIVE_FEATURE, RATING_FEATURE)
+"""The first three share the item table, so one sharded lookup embeds histories, targets and negatives;
+the ratings have a small table of their own, used when the model asks for it (extra keys are ignored)."""
+
+NUM_RATING_BUCKETS = 11
+"""Bucket 0 is "unknown"; 1..10 are ratings 0.5, 1.0, ..., 5.0 stars (MovieLens' half-star steps)."""
+
+
+def rating_buckets(ratings: torch.Tensor) -> torch.Tensor:
+    """Ratings in stars -> int64 bucket ids: round(2 * r) clipped to 0..10; NaN (unknown) -> 0."""
+    r = torch.nan_to_num(ratings.double(), nan=0.0)
+    return torch.round(2 * r).clamp(0, NUM_RATING_BUCKETS - 1).long()
 
 
 @dataclass
@@ -38,8 +50,8 @@ class SeqBatch(Pipelineable):
 
     Attributes:
         features: KJT with keys ``FEATURES``: the histories (dense item ids from 1), each
-            history's target (one per row, 0 when unknown) and a pool of sampled negatives
-            shared by the whole batch.
+            history's target (one per row, 0 when unknown), a pool of sampled negatives
+            shared by the whole batch, and the histories' rating buckets.
         timestamps: [L] int64 seconds, aligned with the history values.
         lengths: [B] int64 history lengths (>= 1).
         user_ids: [B] int64 dense user index (-1 when unknown).
@@ -59,8 +71,10 @@ class SeqBatch(Pipelineable):
         targets: Sequence[int] | None = None,
         user_ids: Sequence[int] | None = None,
         negatives: Sequence[int] | torch.Tensor | None = None,
+        ratings: Sequence[Sequence[float]] | None = None,
     ) -> SeqBatch:
-        """Builds a batch from Python lists (tests, serving). ``negatives`` is the shared pool."""
+        """Builds a batch from Python lists (tests, serving). ``negatives`` is the shared pool;
+        ``ratings`` in stars (unknown when None)."""
         if len(items) == 0:
             raise ValueError("a batch needs at least one sequence")
         if len(items) != len(timestamps):
@@ -70,11 +84,14 @@ class SeqBatch(Pipelineable):
                 raise ValueError(f"sequence {i} is empty; every history needs at least one item")
             if len(seq) != len(ts):
                 raise ValueError(f"sequence {i}: {len(seq)} items but {len(ts)} timestamps")
+            if ratings is not None and len(ratings[i]) != len(seq):
+                raise ValueError(f"sequence {i}: {len(seq)} items but {len(ratings[i])} ratings")
         b = len(items)
         lengths = torch.tensor([len(s) for s in items], dtype=torch.int64)
         values = torch.tensor([x for s in items for x in s], dtype=torch.int64)
         ts = torch.tensor([x for s in timestamps for x in s], dtype=torch.int64)
         neg = torch.as_tensor(negatives if negatives is not None else [], dtype=torch.int64)
+        stars = None if ratings is None else torch.tensor([x for s in ratings for x in s], dtype=torch.float64)
 
         def column(xs: Sequence[int] | None, fill: int) -> torch.Tensor:
             if xs is None:
@@ -82,7 +99,7 @@ class SeqBatch(Pipelineable):
             return torch.as_tensor(xs, dtype=torch.int64)
 
         return cls(
-            features=make_features(values, lengths, column(targets, 0), neg),
+            features=make_features(values, lengths, column(targets, 0), neg, stars),
             timestamps=ts,
             lengths=lengths,
             user_ids=column(user_ids, -1),
@@ -100,6 +117,10 @@ class SeqBatch(Pipelineable):
     def targets(self) -> torch.Tensor:
         """[B] the item that follows each history (0 when unknown)."""
         return self.features[TARGET_FEATURE].values()
+
+    def rating_buckets(self) -> torch.Tensor:
+        """[L] rating bucket of each history event (0 = unknown)."""
+        return self.features[RATING_FEATURE].values()
 
     def negatives(self) -> torch.Tensor:
         """[P] the shared pool of sampled negatives."""
@@ -137,9 +158,14 @@ class SeqBatch(Pipelineable):
 
 
 def make_features(
-    items: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor, negatives: torch.Tensor
+    items: torch.Tensor,
+    lengths: torch.Tensor,
+    targets: torch.Tensor,
+    negatives: torch.Tensor,
+    ratings: torch.Tensor | None = None,
 ) -> KeyedJaggedTensor:
-    """Packs histories, targets and the shared negative pool into one KJT (every key has stride B).
+    """Packs histories, targets, the shared negative pool and the histories' ratings (in stars,
+    aligned with ``items``; None = unknown) into one KJT (every key has stride B).
 
     The pool is spread as evenly as possible over the B rows, because every KJT key needs a length
     per row; which row a negative sits in carries no meaning.
@@ -150,8 +176,11 @@ def make_features(
     p = negatives.numel()
     neg_lengths = torch.full((b,), p // b, dtype=torch.int64)
     neg_lengths[: p % b] += 1
+    buckets = torch.zeros_like(items) if ratings is None else rating_buckets(ratings)
+    if buckets.numel() != items.numel():
+        raise ValueError(f"{items.numel()} history items but {buckets.numel()} ratings")
     return KeyedJaggedTensor.from_lengths_sync(
         keys=list(FEATURES),
-        values=torch.cat([items, targets, negatives]),
-        lengths=torch.cat([lengths, torch.ones_like(lengths), neg_lengths]),
+        values=torch.cat([items, targets, negatives, buckets]),
+        lengths=torch.cat([lengths, torch.ones_like(lengths), neg_lengths, lengths]),
     )

@@ -175,16 +175,22 @@ class SplitDataset(Dataset[SeqBatch]):
         out_offsets = np.cumsum(lengths) - lengths
         index = np.repeat(starts - out_offsets, lengths) + np.arange(int(lengths.sum()))
         items, timestamps = self.sequences.items[index], self.sequences.timestamps[index]
+        ratings = self.sequences.ratings[index]
         targets, users = self.sequences.items[ends], self.users[real]
         if pad:
             ones, zeros = np.ones(pad, dtype=np.int64), np.zeros(pad, dtype=np.int64)
             items, timestamps = np.concatenate([items, zeros]), np.concatenate([timestamps, zeros])
+            ratings = np.concatenate([ratings, np.full(pad, np.nan, dtype=ratings.dtype)])
             lengths, targets = np.concatenate([lengths, ones]), np.concatenate([targets, zeros])
             users = np.concatenate([users, np.full(pad, PADDING_USER, dtype=np.int64)])
         lengths_t = torch.from_numpy(lengths)
         return SeqBatch(
             features=make_features(
-                torch.from_numpy(items), lengths_t, torch.from_numpy(targets), self.negatives(plan.index)
+                torch.from_numpy(items),
+                lengths_t,
+                torch.from_numpy(targets),
+                self.negatives(plan.index),
+                torch.from_numpy(ratings),
             ),
             timestamps=torch.from_numpy(timestamps),
             lengths=lengths_t,

@@ -11,7 +11,7 @@ from pathlib import Path
 from data.interactions import Counts
 from data.sequences import MIN_EVENTS, Dropped
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 """Bump when preprocessing or the files change meaning: older caches are then rebuilt, not reused."""
 
 

@@ -84,8 +84,8 @@ class PreparedDataset:
 
     @cached_property
     def sequences(self) -> pd.DataFrame:
-        """One row per user: user (dense), raw_user, item_ids and timestamps (int64 arrays, oldest
-        first; views into ``packed``, so this costs no copy of the events)."""
+        """One row per user: user (dense), raw_user, item_ids, timestamps (int64 arrays) and ratings
+        (float32), oldest first; views into ``packed``, so this costs no copy of the events."""
         cuts = self.packed.offsets[1:-1]
         return pd.DataFrame(
             {
@@ -93,6 +93,7 @@ class PreparedDataset:
                 "raw_user": self.raw_users.to_numpy(),
                 "item_ids": np.split(self.packed.items, cuts),
                 "timestamps": np.split(self.packed.timestamps, cuts),
+                "ratings": np.split(self.packed.ratings, cuts),
             }
         )
 
@@ -126,6 +127,7 @@ class PreparedDataset:
                 "raw_user": pa.array(self.raw_users),
                 "item_ids": pa.LargeListArray.from_arrays(offsets, pa.array(self.packed.items)),
                 "timestamps": pa.LargeListArray.from_arrays(offsets, pa.array(self.packed.timestamps)),
+                "ratings": pa.LargeListArray.from_arrays(offsets, pa.array(self.packed.ratings)),
             }
         )
         _write_atomically(directory / SEQUENCES_FILE, lambda p: pq.write_table(sequences, p))
@@ -145,6 +147,7 @@ class PreparedDataset:
             offsets=offsets - offsets[0],
             items=items_column.flatten().to_numpy(),
             timestamps=table.column("timestamps").combine_chunks().flatten().to_numpy(),
+            ratings=table.column("ratings").combine_chunks().flatten().to_numpy(),
         )
         users = table.select(["user", "raw_user"]).to_pandas()
         items = pq.read_table(directory / ITEMS_FILE).to_pandas()

@@ -42,19 +42,22 @@ class UserSequences:
         offsets: [U+1] int64, starting at 0.
         items: [N] int64 dense item ids (1..num_items).
         timestamps: [N] int64 seconds, non-decreasing within each user.
+        ratings: [N] float32, the rating (explicit feedback) of each event.
     """
 
     offsets: np.ndarray
     items: np.ndarray
     timestamps: np.ndarray
+    ratings: np.ndarray
 
     def __post_init__(self) -> None:
         if self.offsets.ndim != 1 or self.offsets.size == 0 or self.offsets[0] != 0:
             raise ValueError("offsets must be 1-D and start at 0")
         n = int(self.offsets[-1])
-        if self.items.shape != (n,) or self.timestamps.shape != (n,):
+        if self.items.shape != (n,) or self.timestamps.shape != (n,) or self.ratings.shape != (n,):
             raise ValueError(
-                f"offsets end at {n}, items have shape {self.items.shape}, timestamps {self.timestamps.shape}"
+                f"offsets end at {n}, items have shape {self.items.shape}, timestamps {self.timestamps.shape}, "
+                f"ratings {self.ratings.shape}"
             )
 
     def __len__(self) -> int:
@@ -133,6 +136,7 @@ def index_interactions(interactions: Interactions) -> Indexed:
         offsets=offsets,
         items=item_codes[order].astype(np.int64) + 1,
         timestamps=timestamps[order],
+        ratings=frame["rating"].to_numpy(dtype=np.float32)[order],
     )
     items = pd.DataFrame(
         {

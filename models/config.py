@@ -70,6 +70,8 @@ class ModelConfig:
             loader's shared pool) or IN_BATCH.
         l2_norm_eps: floor of the norm when L2-normalising user and item embeddings. GR
             ``train_fn.l2_norm_eps = 1e-6``.
+        rating_embeddings: add a learned embedding of each history event's rating (its action) to the
+            item embedding at the input; a second TorchRec table. Not in GR's ML-1M config (False).
         activation_checkpointing: recompute each block in backward (torch.utils.checkpoint) to trade
             compute for activation memory. Not in GR's ML-1M config (False).
         attention_impl: "auto" (Triton on CUDA, PyTorch elsewhere), "triton" or "pytorch".
@@ -90,6 +92,7 @@ class ModelConfig:
     temperature: float = 0.05
     negatives: Negatives = Negatives.UNIFORM
     l2_norm_eps: float = 1e-6
+    rating_embeddings: bool = False
     activation_checkpointing: bool = False
     attention_impl: AttentionImpl = AttentionImpl.AUTO
 

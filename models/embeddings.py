@@ -20,13 +20,23 @@ from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingConfig
 from torchrec.modules.embedding_modules import EmbeddingCollection
 
-from data.batch import FEATURES
+from data.batch import (
+    ITEM_FEATURE,
+    NEGATIVE_FEATURE,
+    NUM_RATING_BUCKETS,
+    RATING_FEATURE,
+    TARGET_FEATURE,
+)
 from models import jagged
 
 ITEM_TABLE = "item_table"
 """Name of the one embedding table; row 0 is padding, rows 1..num_items the items. (Not "items":
 EmbeddingCollection keeps its tables in an nn.ModuleDict, which rejects a key named like its ``items``
 method.)"""
+
+RATING_TABLE = "rating_table"
+"""The optional table of rating-bucket embeddings (``ModelConfig.rating_embeddings``): what the user did
+with each item, added to the item's embedding at the input, as HSTU's paper feeds actions beside items."""
 
 ITEM_INIT_STD = 0.02
 """GR initialises item embeddings from a normal(0, 0.02) truncated at two standard deviations."""
@@ -56,9 +66,10 @@ def init_item_rows(weight: torch.Tensor) -> torch.Tensor:
 
 
 def item_embedding_collection(
-    num_items: int, embedding_dim: int, device: torch.device | None = None
+    num_items: int, embedding_dim: int, device: torch.device | None = None, *, ratings: bool = False
 ) -> EmbeddingCollection:
-    """One table of num_items + 1 rows serving the batch's three KJT keys (history, target, negatives).
+    """One table of num_items + 1 rows serving the batch's item keys (history, target, negatives), and
+    with ``ratings`` a second, ``RATING_TABLE``, embedding each history event's rating bucket.
 
     FBGEMM's kernels need a row width that is a multiple of 4, so the table is ``table_dim(d)`` wide
     and the model reads only its first d columns (``item_rows``); the rest stay at their init, unused.
@@ -70,12 +81,25 @@ def item_embedding_collection(
         name=ITEM_TABLE,
         num_embeddings=num_items + 1,
         embedding_dim=table_dim(embedding_dim),
-        feature_names=list(FEATURES),
+        feature_names=[ITEM_FEATURE, TARGET_FEATURE, NEGATIVE_FEATURE],
         init_fn=init_item_rows,
         weight_init_min=-2 * ITEM_INIT_STD,
         weight_init_max=2 * ITEM_INIT_STD,
     )
-    return EmbeddingCollection(tables=[table], device=device)
+    tables = [table]
+    if ratings:
+        tables.append(
+            EmbeddingConfig(
+                name=RATING_TABLE,
+                num_embeddings=NUM_RATING_BUCKETS,
+                embedding_dim=table_dim(embedding_dim),
+                feature_names=[RATING_FEATURE],
+                init_fn=init_item_rows,
+                weight_init_min=-2 * ITEM_INIT_STD,
+                weight_init_max=2 * ITEM_INIT_STD,
+            )
+        )
+    return EmbeddingCollection(tables=tables, device=device)
 
 
 def table_dim(embedding_dim: int) -> int:

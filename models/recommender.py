@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
-from data.batch import FEATURES, ITEM_FEATURE, NEGATIVE_FEATURE, TARGET_FEATURE, SeqBatch
+from data.batch import FEATURES, ITEM_FEATURE, NEGATIVE_FEATURE, RATING_FEATURE, TARGET_FEATURE, SeqBatch
 from models import jagged
 from models.config import EncoderType, ModelConfig, Negatives
 from models.embeddings import item_embedding_collection, item_rows, l2_normalize
@@ -63,7 +63,9 @@ class GenerativeRecommender(nn.Module):
         super().__init__()
         self.config = config
         self.num_items = num_items
-        self.item_embeddings = item_embedding_collection(num_items, config.embedding_dim, device)
+        self.item_embeddings = item_embedding_collection(
+            num_items, config.embedding_dim, device, ratings=config.rating_embeddings
+        )
         self.encoder = build_encoder(config, device)
 
     def forward(self, batch: SeqBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -75,7 +77,7 @@ class GenerativeRecommender(nn.Module):
         embeddings = self.item_embeddings(batch.features)
         seq_offsets = batch.seq_offsets()
         d = self.config.embedding_dim
-        history = item_rows(embeddings[ITEM_FEATURE].values(), d)
+        history = self._history_rows(embeddings)
         users = self.encoder(history, batch.timestamps, seq_offsets)
 
         eps = self.config.l2_norm_eps
@@ -99,9 +101,15 @@ class GenerativeRecommender(nn.Module):
         """[B, d] L2-normalised user embedding at each history's last position (predicts the target)."""
         embeddings = self.item_embeddings(batch.features)
         seq_offsets = batch.seq_offsets()
-        history = item_rows(embeddings[ITEM_FEATURE].values(), self.config.embedding_dim)
-        users = self.encoder(history, batch.timestamps, seq_offsets)
+        users = self.encoder(self._history_rows(embeddings), batch.timestamps, seq_offsets)
         return users[jagged.last_positions(seq_offsets)]
+
+    def _history_rows(self, embeddings: dict[str, JaggedTensor]) -> torch.Tensor:
+        """[L, d] encoder input rows: the item's embedding, plus its rating's when configured."""
+        rows = item_rows(embeddings[ITEM_FEATURE].values(), self.config.embedding_dim)
+        if self.config.rating_embeddings:
+            rows = rows + item_rows(embeddings[RATING_FEATURE].values(), self.config.embedding_dim)
+        return rows
 
     def embed_items(self, item_ids: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """[n, d] L2-normalised embeddings of ``item_ids`` (any shape, flattened) from the same table;
@@ -114,7 +122,11 @@ class GenerativeRecommender(nn.Module):
         features = KeyedJaggedTensor.from_lengths_sync(
             keys=list(FEATURES),
             values=ids,
-            lengths=torch.tensor([0, 0, ids.numel()], dtype=torch.int64, device=ids.device),
+            lengths=torch.tensor(
+                [ids.numel() if key == NEGATIVE_FEATURE else 0 for key in FEATURES],
+                dtype=torch.int64,
+                device=ids.device,
+            ),
         )
         rows = item_rows(self.item_embeddings(features)[NEGATIVE_FEATURE].values(), self.config.embedding_dim)
         return l2_normalize(rows, self.config.l2_norm_eps) if normalize else rows

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from data.batch import FEATURES, SeqBatch
+from data.batch import FEATURES, SeqBatch, rating_buckets
 
 ITEMS = [[3, 5, 7], [2], [9, 9, 4, 1]]
 TIMESTAMPS = [[10, 20, 30], [5], [1, 2, 2, 8]]
@@ -61,3 +61,27 @@ def test_pinned_copy_to_cuda_and_back() -> None:
     stream.synchronize()
     assert on_gpu.item_ids().is_cuda and on_gpu.lengths.is_cuda
     assert on_gpu.to(torch.device("cpu")).sequences() == ITEMS
+
+
+def test_ratings_ride_along_as_buckets() -> None:
+    batch = SeqBatch.from_sequences([[3, 5], [2]], [[1, 2], [3]], targets=[9, 4], ratings=[[0.5, 5.0], [float("nan")]])
+    assert batch.rating_buckets().tolist() == [1, 10, 0]  # half stars; NaN is "unknown"
+    assert SeqBatch.from_sequences([[3]], [[1]]).rating_buckets().tolist() == [0]
+    with pytest.raises(ValueError, match="ratings"):
+        SeqBatch.from_sequences([[3, 5]], [[1, 2]], ratings=[[4.0]])
+
+
+def test_loader_ratings_match_the_events() -> None:
+    from data.loader import make_dataloader
+    from data.prepare import PreparedDataset
+    from data.splits import Split
+    from data.synthetic import synthetic_interactions
+
+    dataset = PreparedDataset.from_interactions(synthetic_interactions(), "synthetic")
+    batch = next(iter(make_dataloader(dataset, Split.TEST, batch_size=16, max_len=10)))
+    frame = dataset.sequences
+    expected = []
+    for user, length in zip(batch.user_ids.tolist(), batch.lengths.tolist(), strict=True):
+        n = len(frame.loc[user, "ratings"])
+        expected += rating_buckets(torch.from_numpy(frame.loc[user, "ratings"][n - 1 - length : n - 1])).tolist()
+    assert batch.rating_buckets().tolist() == expected

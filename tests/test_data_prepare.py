@@ -186,9 +186,12 @@ def test_synthetic_is_cached_by_config(tmp_path: Path) -> None:
 
 
 def test_sequences_frame_matches_packed_arrays() -> None:
-    ds = PreparedDataset.from_interactions(FileSource(SLICE).load(), "slice")
+    interactions = FileSource(SLICE).load()
+    ds = PreparedDataset.from_interactions(interactions, "slice")
     frame = ds.sequences
-    assert frame.columns.tolist() == ["user", "raw_user", "item_ids", "timestamps"]
+    assert frame.columns.tolist() == ["user", "raw_user", "item_ids", "timestamps", "ratings"]
+    # every rating travels with its event (the slice has no duplicate rows to drop)
+    assert sum(float(r.sum()) for r in frame["ratings"]) == pytest.approx(interactions.frame["rating"].sum())
     assert frame["user"].tolist() == list(range(8)) and frame["raw_user"].tolist() == list(range(1, 9))
     for user in (0, 7):
         items, timestamps = ds.packed[user]

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from data.batch import SeqBatch
 from models.config import EncoderType, ModelConfig, Negatives
-from models.embeddings import ITEM_TABLE
+from models.embeddings import ITEM_TABLE, RATING_TABLE
 from models.loss import sampled_softmax_loss
 from models.recommender import GenerativeRecommender, encode_histories, score_items
 
@@ -223,3 +223,18 @@ def test_config_from_strings() -> None:
         ModelConfig(encoder="transformer")
     with pytest.raises(ValueError, match="attention dropout"):
         ModelConfig(attention_dropout=0.1)
+
+
+def test_rating_embeddings_are_a_second_table_that_changes_the_users() -> None:
+    config = ModelConfig(embedding_dim=8, attention_dim=4, linear_dim=4, dropout=0.0, rating_embeddings=True)
+    torch.manual_seed(0)
+    model = GenerativeRecommender(config, num_items=20).eval()
+    assert set(model.item_embeddings.embeddings.keys()) == {ITEM_TABLE, RATING_TABLE}
+    items, times = [[3, 5, 7], [2]], [[10, 20, 30], [5]]
+    liked = model.encode(SeqBatch.from_sequences(items, times, ratings=[[5.0, 5.0, 5.0], [5.0]]))
+    disliked = model.encode(SeqBatch.from_sequences(items, times, ratings=[[1.0, 1.0, 1.0], [1.0]]))
+    assert not torch.allclose(liked, disliked)
+    batch = SeqBatch.from_sequences(items, times, targets=[9, 4], negatives=[1, 11], ratings=[[4.0] * 3, [2.0]])
+    loss, _ = model(batch)
+    loss.backward()
+    assert model.item_embeddings.embeddings[RATING_TABLE].weight.grad is not None

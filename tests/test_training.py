@@ -18,9 +18,10 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = {
     "data": {"dataset": "synthetic", "max_len": 20, "batch_size": 32, "eval_batch_size": 128,
              "num_negatives": 64},
-    "model": {"max_seq_len": 20, "embedding_dim": 16, "attention_dim": 8, "linear_dim": 8, "num_blocks": 2},
+    "model": {"max_seq_len": 20, "embedding_dim": 16, "attention_dim": 8, "linear_dim": 8, "num_blocks": 2,
+              "rating_embeddings": True},
     "optim": {"lr": 3.0e-3, "sparse_lr": 0.05},
-    "sharding": {"tables": {"item_table": "row_wise"}},
+    "sharding": {"tables": {"item_table": "row_wise", "rating_table": "table_wise"}},
     "run": {"epochs": 1, "tensorboard": False, "topk": 10, "keep_checkpoints": 3},
 }
 
@@ -57,11 +58,14 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     return {"full": full, "resumed": resumed, "before_resume": losses_before_resume}
 
 
-def test_two_ranks_shard_the_item_table_row_wise(runs):
+def test_two_ranks_shard_one_table_row_wise_and_one_table_wise(runs):
     plan = (runs["full"] / "plan.txt").read_text()
-    assert "row_wise" in plan
-    row_line = next(line for line in plan.splitlines() if line.strip().startswith("item_table "))
-    assert "[0, 1]" in row_line, plan  # the row-wise table lives on both ranks
+    rows: dict[str, str] = {}
+    for line in plan.splitlines():  # the first table of the plan: param | sharding type | kernel | ranks
+        if line.startswith(("item_table ", "rating_table ")):
+            rows.setdefault(line.split()[0], line)
+    assert "row_wise" in rows["item_table"] and "[0, 1]" in rows["item_table"], plan  # rows split over both ranks
+    assert "table_wise" in rows["rating_table"], plan
 
 
 def test_loss_falls(runs):

@@ -126,8 +126,10 @@ def make_optimizer(
 ) -> tuple[CombinedOptimizer, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW for the dense weights next to the fused embedding optimizer, as one KeyedOptimizer
     (so one ``state_dict`` checkpoints both), plus a linear warmup for the dense learning rate."""
-    fused_keys = set(dmp.fused_optimizer.params.keys())
-    dense_params = {k: p for k, p in dmp.named_parameters() if k not in fused_keys and p.requires_grad}
+    # Everything under a sharded module belongs to the fused optimizer, also on a rank that holds no
+    # shard of some table (its fused optimizer does not list that table; AdamW must not take it either).
+    sharded = tuple(f"{path}." for path in dmp.plan.plan)
+    dense_params = {k: p for k, p in dmp.named_parameters() if not k.startswith(sharded) and p.requires_grad}
     adamw = torch.optim.AdamW(
         list(dense_params.values()), lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay
     )
