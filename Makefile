@@ -59,7 +59,7 @@ venv: $(STAMP)
 
 protos: $(PROTO_OUT)
 $(PROTO_OUT): protos/genrec/v1/recommender.proto $(STAMP)
-	$(PY) -m grpc_tools.protoc -Iprotos --python_out=protos --pyi_out=protos --grpc_python_out=protos \
+	$(PY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. \
 		protos/genrec/v1/recommender.proto
 
 # --- main jobs -------------------------------------------------------------------------------

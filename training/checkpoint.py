@@ -22,6 +22,7 @@ import torch.distributed.checkpoint as dcp
 log = logging.getLogger(__name__)
 
 PREFIX = "step-"
+BEST = "best"
 
 
 @dataclass
@@ -54,8 +55,10 @@ def save(
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
+        best = best_checkpoint(root)
         for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+            if old != best:  # the best epoch's weights are what the run reports and exports
+                shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return final
 
@@ -91,6 +94,16 @@ def list_checkpoints(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
+
+
+def best_checkpoint(root: Path) -> Path | None:
+    """The checkpoint that ``root/best`` names (the best epoch by the validation metric), if any."""
+    marker = root / BEST
+    return root / marker.read_text().strip() if marker.exists() else None
+
+
+def mark_best(root: Path, checkpoint: Path) -> None:
+    (root / BEST).write_text(checkpoint.name + "\n")
 
 
 def latest(root: Path) -> Path | None:

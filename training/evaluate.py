@@ -3,14 +3,43 @@
 The user's history items and the padding row are removed from the ranking; HR@{1,10,50,200},
 NDCG@{10,50,200} and MRR are summed over users on every rank and all-reduced.
 
-    python -m training.evaluate --run runs/latest     # what `make eval` runs
+``make eval`` evaluates a finished (or running) run's best checkpoint on the test target with exactly
+the training-time protocol, so its HR/NDCG/MRR equal the run's ``metrics.json``; it adds coverage,
+popularity bias, metrics by history length and two baselines on the same split, and writes everything
+under ``runs/<name>/eval/`` (the training-time ``metrics.json`` and ``predictions.parquet`` stay as
+they were):
+
+    python -m training.evaluate --run runs/latest                      # what `make eval` runs
+    python -m training.evaluate --run runs/<name> --baseline-run runs/<sasrec-run>
+    python -m training.evaluate --run runs/<name> --checkpoint latest --baseline-run none
+
+``eval/`` holds ``metrics.json`` (the run's test/* metrics, ``test/coverage@10``,
+``test/popularity_bias@10``, ``by_history_length``, and the same for each baseline under
+``baselines``) and one predictions file per model: ``predictions.parquet`` (the run),
+``predictions-most_popular.parquet``, ``predictions-sasrec.parquet``. Each has the columns of the
+training-time file (``user_id``, ``target_item``, ``topk``: raw ids) plus ``rank`` (the exact rank of
+the target, the one the metrics use), ``history_length`` (events before the target, before truncation
+to ``max_len``), ``target_score`` and ``topk_scores``.
+
+Baselines: most-popular (popularity = training interaction counts, see ``training.analysis``) always;
+SASRec from ``--baseline-run``, or by default ("auto") the sibling run directory (same parent folder)
+whose config has ``model.encoder: sasrec`` and the same ``data.dataset`` and that has a best checkpoint,
+the most recently updated one when there are several (none when the evaluated run is SASRec itself).
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import gc
+import json
+import logging
+import os
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -18,9 +47,21 @@ import torch
 import torch.distributed as dist
 
 from data.batch import SeqBatch
-from data.prepare import PreparedDataset
+from data.loader import make_dataloader
+from data.prepare import PreparedDataset, prepare
+from data.splits import Split, target_positions
+from models.config import EncoderType
 from models.metrics import RankingMetrics, target_ranks
 from models.recommender import GenerativeRecommender
+from training import analysis, checkpoint
+from training.config import SparseOptimizer, TrainConfig, load_config
+from training.distributed import DistContext, cleanup, init_process_group, shard_model
+
+log = logging.getLogger("training.evaluate")
+
+EVAL_DIR = "eval"
+BEYOND_K = 10
+"""The K of coverage@K and popularity bias@K."""
 
 
 @dataclass
@@ -31,6 +72,12 @@ class EvalResult:
     targets: torch.Tensor | None = None
     topk: torch.Tensor | None = None
     """[U, K] dense item ids, best first, history removed."""
+    ranks: torch.Tensor | None = None
+    """[U] the target's exact 1-based rank, the one the metrics are computed from."""
+    target_scores: torch.Tensor | None = None
+    """[U] the model's score of the target."""
+    topk_scores: torch.Tensor | None = None
+    """[U, K] the scores of ``topk``."""
 
 
 @torch.no_grad()
@@ -44,13 +91,13 @@ def evaluate(
 ) -> EvalResult:
     """Metrics over all users (every rank must call this together; rows with user_ids < 0 are
     padding that keeps ranks in step and are ignored). With ``topk`` > 0 the K best items of each
-    user are gathered on rank 0."""
+    user, with the target ranks and scores, are gathered on rank 0."""
     was_training = model.training
     model.eval()
     items = model.embed_items(torch.arange(1, num_items + 1, device=device)).float()
     table = torch.cat([items.new_zeros(1, items.shape[1]), items])  # row 0: padding, never ranked
     acc = RankingMetrics(device=device)
-    kept_users, kept_targets, kept_topk = [], [], []
+    kept: list[tuple[torch.Tensor, ...]] = []
     for batch in batches:
         batch = batch.to(device, non_blocking=True)
         scores = model.encode(batch).float() @ table.T
@@ -58,28 +105,35 @@ def evaluate(
         ranks = target_ranks(scores, batch.targets(), batch.item_ids(), batch.lengths)
         acc.update(ranks[keep])
         if topk:
-            kept_users.append(batch.user_ids[keep].cpu())
-            kept_targets.append(batch.targets()[keep].cpu())
-            kept_topk.append(top_items(scores, batch, topk)[keep].cpu())
+            best_scores, best_items = _top_scored(scores, batch, topk)
+            target_scores = scores.gather(1, batch.targets()[:, None]).squeeze(1)
+            kept.append(tuple(t[keep].cpu() for t in (
+                batch.user_ids, batch.targets(), best_items, ranks, target_scores, best_scores)))
     totals = acc.totals()
     if dist.is_initialized():
         dist.all_reduce(totals)
     result = EvalResult(RankingMetrics.from_totals(totals))
     if topk:
-        result.user_ids, result.targets, result.topk = _gather_rows(
-            torch.cat(kept_users), torch.cat(kept_targets), torch.cat(kept_topk)
-        )
+        columns = _gather_rows(*(torch.cat(column) for column in zip(*kept, strict=True)))
+        (result.user_ids, result.targets, result.topk, result.ranks, result.target_scores,
+         result.topk_scores) = columns
     model.train(was_training)
     return result
 
 
 def top_items(scores: torch.Tensor, batch: SeqBatch, k: int) -> torch.Tensor:
     """[B, k] best dense item ids per row, with the padding row and the history removed."""
+    return _top_scored(scores, batch, k)[1]
+
+
+def _top_scored(scores: torch.Tensor, batch: SeqBatch, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """([B, k] scores, [B, k] dense item ids) of the best items per row, padding and history removed."""
     scores = scores.clone()
     scores[:, 0] = float("-inf")
     rows = torch.repeat_interleave(torch.arange(batch.batch_size, device=scores.device), batch.lengths)
     scores[rows, batch.item_ids()] = float("-inf")
-    return scores.topk(min(k, scores.shape[1] - 1), dim=1).indices
+    best = scores.topk(min(k, scores.shape[1] - 1), dim=1)
+    return best.values, best.indices
 
 
 def _gather_rows(*tensors: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -92,17 +146,254 @@ def _gather_rows(*tensors: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
     return tuple(torch.cat([p[i] for p in parts]) for i in range(len(tensors)))
 
 
+def predictions_frame(
+    result: EvalResult, dataset: PreparedDataset, *, detailed: bool = False, split: Split = Split.TEST
+) -> pd.DataFrame:
+    """One row per user, ordered by dense user index: raw ``user_id``, raw ``target_item`` and ``topk``
+    (raw item ids, best first). ``detailed`` adds ``rank``, ``history_length`` (events before the
+    target in ``split``, before truncation to ``max_len``), ``target_score`` and ``topk_scores``."""
+    assert result.topk is not None and result.user_ids is not None and result.targets is not None
+    # Dense item ids are 1..num_items in order, so dense id i is row i - 1 (0, padding, never appears);
+    # indexing the column itself keeps its dtype (a None slot for padding would turn int ids to float).
+    raw_item = dataset.items.sort_values("item_id")["raw_item"].to_numpy()
+    order = torch.argsort(result.user_ids)
+    users = result.user_ids[order].numpy()
+    frame = pd.DataFrame({
+        "user_id": dataset.raw_users.to_numpy()[users],
+        "target_item": raw_item[result.targets[order].numpy() - 1],
+        "topk": list(raw_item[result.topk[order].numpy() - 1]),
+    })
+    if detailed:
+        assert result.ranks is not None and result.target_scores is not None and result.topk_scores is not None
+        frame["rank"] = result.ranks[order].numpy()
+        frame["history_length"] = target_positions(dataset.packed.lengths[users], split)
+        frame["target_score"] = result.target_scores[order].numpy()
+        frame["topk_scores"] = list(result.topk_scores[order].numpy())
+    return frame
+
+
 def write_predictions(result: EvalResult, dataset: PreparedDataset, path: Path) -> None:
     """predictions.parquet: raw user id, raw target item, top-K raw item ids (best first)."""
-    assert result.topk is not None and result.user_ids is not None and result.targets is not None
-    # Lookup arrays indexed by dense id (item 0 is padding and never appears in a list).
-    items = dataset.items.sort_values("item_id")
-    raw_item = np.concatenate([np.array([None], dtype=object), items["raw_item"].to_numpy(dtype=object)])
-    raw_user = dataset.sequences.set_index("user")["raw_user"].sort_index().to_numpy()
-    order = torch.argsort(result.user_ids)
-    frame = pd.DataFrame({
-        "user_id": raw_user[result.user_ids[order].numpy()],
-        "target_item": raw_item[result.targets[order].numpy()],
-        "topk": list(raw_item[result.topk[order].numpy()]),
-    })
-    frame.to_parquet(path, index=False)
+    predictions_frame(result, dataset).to_parquet(path, index=False)
+
+
+# --- `make eval`: a run's checkpoint, the analysis and the baselines ---------------------------
+def eval_loader(cfg: TrainConfig, dataset: PreparedDataset, ctx: DistContext):
+    """The test split exactly as training evaluates it (``Trainer.loader(Split.TEST, epoch=0)``)."""
+    return make_dataloader(
+        dataset,
+        Split.TEST,
+        batch_size=cfg.data.eval_batch_size,
+        max_len=cfg.data.max_len,
+        num_negatives=0,
+        shuffle=False,
+        seed=cfg.run.seed,
+        epoch=0,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        num_workers=cfg.data.num_workers,
+        exclude_validation_from_train=cfg.data.exclude_validation_from_train,
+    )
+
+
+def resolve_checkpoint(run_dir: Path, which: str = "best") -> Path:
+    """"best" (the checkpoint named by ``checkpoints/best``), "latest", or a checkpoint directory
+    (a name under ``checkpoints/`` or a path)."""
+    root = run_dir / "checkpoints"
+    if which == "best":
+        best = root / "best"
+        if not best.is_file():
+            raise FileNotFoundError(f"{best} does not exist: no epoch of this run has been evaluated yet "
+                                    "(pass --checkpoint latest to evaluate its newest checkpoint)")
+        path = root / best.read_text().strip()
+    elif which == "latest":
+        path = checkpoint.latest(root)
+        if path is None:
+            raise FileNotFoundError(f"{root} holds no finished checkpoint")
+    else:
+        path = root / which if (root / which).is_dir() else Path(which)
+    if not (path / "progress.json").is_file():
+        # The trainer keeps only the newest run.keep_checkpoints checkpoints, and its pruning does not
+        # spare the best one: `best` can name a checkpoint that no longer exists.
+        raise FileNotFoundError(f"{path} is not a finished checkpoint: pruned by the trainer (it keeps the newest "
+                                "run.keep_checkpoints only)? --checkpoint latest evaluates the newest one")
+    return path
+
+
+def evaluate_checkpoint(
+    cfg: TrainConfig, dataset: PreparedDataset, path: Path, ctx: DistContext, *, topk: int
+) -> EvalResult:
+    """Builds the run's model on meta, shards it over this process group, loads ``path`` into it (DCP
+    reshards a checkpoint written by any number of ranks) and evaluates the test split."""
+    model = GenerativeRecommender(cfg.model, dataset.num_items, device=torch.device("meta"))
+    # Nothing steps an optimizer here, and the fused one is part of the sharded module: SGD is the
+    # kernel every device has (a run trained with Adam on GPU then loads on a CPU) and it holds no state.
+    optim = dataclasses.replace(cfg.optim, sparse_optimizer=SparseOptimizer.SGD)
+    dmp, _ = shard_model(model, ctx, cfg.sharding, optim)
+    checkpoint.load(path, dmp, None)
+    result = evaluate(dmp.module, eval_loader(cfg, dataset, ctx), dataset.num_items, ctx.device, topk=topk)
+    del dmp, model
+    gc.collect()  # release the sharded modules before the next model or the process group goes
+    return result
+
+
+def find_sasrec_run(run_dir: Path, cfg: TrainConfig) -> Path | None:
+    """The SASRec baseline of ``run_dir``: the sibling run (same parent folder, not a symlink such as
+    ``latest``) with ``model.encoder: sasrec``, the same ``data.dataset`` and a best checkpoint; the
+    most recently updated when there are several. None for a SASRec run or when there is none."""
+    if cfg.model.encoder is EncoderType.SASREC:
+        return None
+    here = run_dir.resolve()
+    found: list[Path] = []
+    for sibling in sorted(here.parent.iterdir()):
+        if sibling == here or sibling.is_symlink() or not (sibling / "checkpoints" / "best").is_file():
+            continue
+        try:
+            other = load_config(sibling / "config.yaml")
+        except (OSError, ValueError) as e:  # no config, or one written by an older version
+            log.debug("skipping %s as a baseline: %s", sibling, e)
+            continue
+        if other.model.encoder is EncoderType.SASREC and other.data.dataset == cfg.data.dataset:
+            found.append(sibling)
+    return max(found, key=lambda p: (p / "checkpoints" / "best").stat().st_mtime, default=None)
+
+
+def summarize(
+    result: EvalResult, dataset: PreparedDataset, popular: np.ndarray
+) -> tuple[dict[str, Any], pd.DataFrame]:
+    """(metrics.json entry, detailed predictions) of one model's test evaluation."""
+    assert result.topk is not None and result.ranks is not None
+    predictions = predictions_frame(result, dataset, detailed=True)
+    topk = result.topk.numpy()
+    summary: dict[str, Any] = {f"test/{k}": v for k, v in result.metrics.items()}
+    summary[f"test/coverage@{BEYOND_K}"] = analysis.coverage(topk, dataset.num_items, BEYOND_K)
+    summary[f"test/popularity_bias@{BEYOND_K}"] = analysis.popularity_bias(topk, popular, BEYOND_K)
+    by_length = analysis.metrics_by_history_length(predictions["rank"], predictions["history_length"])
+    summary["by_history_length"] = by_length.to_dict("records")
+    return summary, predictions
+
+
+def evaluate_run(
+    run_dir: Path,
+    ctx: DistContext,
+    *,
+    checkpoint_name: str = "best",
+    baseline_run: str = "auto",
+    out_dir: Path | None = None,
+) -> dict[str, Any] | None:
+    """Evaluates ``run_dir`` and its baselines on the test split, writes ``out_dir`` (default
+    ``run_dir/eval``) and returns the metrics.json content (on rank 0; None on the others)."""
+    cfg = load_config(run_dir / "config.yaml")
+    dataset = prepare(cfg.data.dataset, root=cfg.data.root)
+    path = resolve_checkpoint(run_dir, checkpoint_name)
+    # Coverage@10 needs at least 10 items per user; the lists otherwise follow the training-time length.
+    topk = max(cfg.run.topk, BEYOND_K)
+    log.info("evaluating %s (%s) on the %s test split", run_dir, path.name, dataset.name)
+    results = {"model": evaluate_checkpoint(cfg, dataset, path, ctx, topk=topk)}
+
+    counts = analysis.item_popularity(dataset.sequences["item_ids"], dataset.num_items,
+                                      drop_last=2 if cfg.data.exclude_validation_from_train else 1)
+    popular = analysis.popular_items(counts)
+    baseline = analysis.MostPopular(counts).to(ctx.device)
+    results["most_popular"] = evaluate(baseline, eval_loader(cfg, dataset, ctx), dataset.num_items, ctx.device,
+                                       topk=topk)
+    sasrec = find_sasrec_run(run_dir, cfg) if baseline_run == "auto" else (
+        None if baseline_run == "none" else Path(baseline_run))
+    sasrec_info: dict[str, str] = {}
+    if sasrec is not None:
+        sasrec_cfg = load_config(sasrec / "config.yaml")
+        sasrec_data = prepare(sasrec_cfg.data.dataset, root=sasrec_cfg.data.root)
+        if sasrec_data.manifest.checksum != dataset.manifest.checksum:
+            raise ValueError(f"baseline run {sasrec} was trained on other data than {run_dir}")
+        sasrec_path = resolve_checkpoint(sasrec, "best")
+        log.info("baseline: evaluating %s (%s)", sasrec, sasrec_path.name)
+        results["sasrec"] = evaluate_checkpoint(sasrec_cfg, sasrec_data, sasrec_path, ctx, topk=topk)
+        sasrec_info = {"run": str(sasrec), "checkpoint": sasrec_path.name,
+                       "encoder": sasrec_cfg.model.encoder.value}
+    if not ctx.is_main:
+        return None
+
+    out_dir = out_dir or run_dir / EVAL_DIR
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob("predictions-*.parquet"):  # e.g. a SASRec baseline not evaluated this time
+        stale.unlink()
+    test_targets = dataset.packed.items[dataset.packed.offsets[1:] - 1]  # each user's last event
+    progress = json.loads((path / "progress.json").read_text())
+    report: dict[str, Any] = {
+        "run": str(run_dir), "checkpoint": path.name, "checkpoint_step": progress["global_step"],
+        # progress.json holds the epoch in progress: one past the last finished one at an epoch end.
+        "checkpoint_epoch": progress["epoch"] - (progress["step_in_epoch"] == 0), "encoder": cfg.model.encoder.value,
+        "dataset": dataset.name, "split": str(Split.TEST), "users": int(len(results["model"].ranks)),
+        "items": dataset.num_items, "popular_items": int(len(popular)),
+        "targets_popular_share": analysis.popular_share(test_targets, popular),
+        "predictions": "predictions.parquet", "baselines": {},
+    }
+    for name, result in results.items():
+        summary, predictions = summarize(result, dataset, popular)
+        file = "predictions.parquet" if name == "model" else f"predictions-{name}.parquet"
+        predictions.to_parquet(out_dir / file, index=False)
+        if name == "model":
+            report.update(summary)
+        else:
+            report["baselines"][name] = {**(sasrec_info if name == "sasrec" else {}), "predictions": file, **summary}
+    (out_dir / "metrics.json").write_text(json.dumps(report, indent=2, default=_plain) + "\n")
+    return report
+
+
+def _plain(value: Any) -> Any:
+    """JSON for the numpy scalars pandas leaves in records."""
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def summary_table(report: dict[str, Any]) -> str:
+    """The headline numbers of a metrics.json report, one line per model."""
+    names = ["hr@10", "ndcg@10", "hr@50", "ndcg@50", "hr@200", "mrr", f"coverage@{BEYOND_K}",
+             f"popularity_bias@{BEYOND_K}"]
+    rows = [(f"{report['encoder']} ({Path(report['run']).name})", report)]
+    rows += list(report["baselines"].items())
+    width = max(len(label) for label, _ in rows)
+    lines = [f"{'':{width}}  " + "  ".join(f"{n:>9}" for n in names)]
+    for label, metrics in rows:
+        lines.append(f"{label:{width}}  " + "  ".join(f"{metrics[f'test/{n}']:9.4f}" for n in names))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    run_dir = Path(args.run)
+    if not (run_dir / "config.yaml").is_file():
+        raise SystemExit(f"{run_dir} is not a run directory (no config.yaml)")
+    ctx = init_process_group(args.device or load_config(run_dir / "config.yaml").run.device)
+    try:
+        report = evaluate_run(run_dir, ctx, checkpoint_name=args.checkpoint, baseline_run=args.baseline_run,
+                              out_dir=Path(args.out) if args.out else None)
+        if report is not None:
+            print(summary_table(report))
+            print(f"wrote {Path(args.out) if args.out else run_dir / EVAL_DIR}")
+    finally:
+        gc.collect()
+        cleanup()
+    return 0
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", default="runs/latest", help="the run directory (default: runs/latest)")
+    ap.add_argument("--checkpoint", default="best",
+                    help='"best" (default), "latest", or a checkpoint name under checkpoints/ or a path')
+    ap.add_argument("--baseline-run", default="auto",
+                    help='the SASRec run to compare with: a run directory, "auto" (default: a sibling run '
+                         'with model.encoder: sasrec) or "none"')
+    ap.add_argument("--out", help="output directory (default: <run>/eval)")
+    ap.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: the run's run.device")
+    return ap.parse_args(argv)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+    sys.exit(main())

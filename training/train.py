@@ -227,7 +227,7 @@ def fit(t: Trainer) -> None:
         saved = t.save_checkpoint()
         if t.ctx.is_main:
             if record.get("best"):
-                (t.run_dir / "checkpoints" / "best").write_text(saved.name + "\n")
+                checkpoint.mark_best(t.run_dir / "checkpoints", saved)
             _log_epoch(record, t.run_dir / "metrics.jsonl", writer)
         if t.out_of_steps():
             break
@@ -238,11 +238,11 @@ def fit(t: Trainer) -> None:
 
 def finish(t: Trainer) -> None:
     """Evaluates the best epoch's weights on the test target; writes predictions and the export."""
-    best = t.run_dir / "checkpoints" / "best"
-    if best.exists():
-        target = (t.run_dir / "checkpoints" / best.read_text().strip())
-        if target.exists():
-            checkpoint.load(target, t.model, None)
+    best = checkpoint.best_checkpoint(t.run_dir / "checkpoints")
+    if best is not None:
+        if not best.exists():
+            raise FileNotFoundError(f"the best checkpoint {best} is gone; evaluate another with `make eval`")
+        checkpoint.load(best, t.model, None)
     result = t.evaluate(Split.TEST, with_topk=t.cfg.run.topk)
     if t.ctx.is_main:
         summary = {"best_epoch": t.progress.best_epoch, "valid_" + SELECT_METRIC: t.progress.best_metric,

@@ -11,7 +11,7 @@ Example::
 from __future__ import annotations
 
 import os
-from enum import Enum
+from enum import StrEnum
 
 import torch
 
@@ -19,7 +19,7 @@ from models.ops.hstu_attention_reference import hstu_attention_reference
 from models.ops.relative_bias import RelativeBias
 
 
-class AttentionImpl(str, Enum):
+class AttentionImpl(StrEnum):
     AUTO = "auto"
     TRITON = "triton"
     PYTORCH = "pytorch"

@@ -33,11 +33,14 @@ def hstu_attention_reference(
     num_targets: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """See ``models.ops.hstu_attention``; same arguments, computed in fp32."""
-    out = torch.empty(q.shape[0], q.shape[1], v.shape[2], dtype=q.dtype, device=q.device)
+    # Rows outside every sequence (if seq_offsets does not cover [0, L)) are defined as 0.
+    out = torch.zeros(q.shape[0], q.shape[1], v.shape[2], dtype=q.dtype, device=q.device)
     offsets = seq_offsets.tolist()
     for b in range(len(offsets) - 1):
         start, end = offsets[b], offsets[b + 1]
         n = end - start
+        if n > max_seq_len:
+            raise ValueError(f"a sequence of length {n} exceeds max_seq_len={max_seq_len}")
         if n == 0:
             continue
         qb, kb, vb = (t[start:end].float().transpose(0, 1) for t in (q, k, v))  # [H, n, d]

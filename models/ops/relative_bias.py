@@ -13,6 +13,13 @@ from dataclasses import dataclass
 import torch
 
 
+def time_gap_bucket(dt: torch.Tensor, scale: float, num_buckets: int) -> torch.Tensor:
+    """clamp(floor(ln(max(|dt|, 1)) / scale), 0, num_buckets), in float64: the one definition of the
+    time bucket (the Triton kernel derives its exact integer thresholds from this function)."""
+    dt = dt.abs().clamp(min=1).double()
+    return torch.floor(torch.log(dt) / scale).long().clamp(0, num_buckets)
+
+
 @dataclass
 class RelativeBias:
     """Inputs of the relative bias for one batch (shared by all heads).
@@ -35,9 +42,7 @@ class RelativeBias:
 
     def buckets(self, t_query: torch.Tensor, t_key: torch.Tensor) -> torch.Tensor:
         """Bucket index of |t_query - t_key| (broadcasting)."""
-        dt = (t_query - t_key).abs().clamp(min=1).double()
-        b = torch.floor(torch.log(dt) / self.time_bucket_scale).long()
-        return b.clamp(0, self.num_time_buckets)
+        return time_gap_bucket(t_query - t_key, self.time_bucket_scale, self.num_time_buckets)
 
     def dense(self, start: int, end: int, max_seq_len: int) -> torch.Tensor:
         """[n, n] bias of the tokens start..end (one sequence); for the reference and tests."""

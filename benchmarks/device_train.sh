@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Training figures on a GPU machine (the ones docs/benchmarks.md records), from the repository root,
+# with ML-1M already prepared under datasets/ml-1m. Results land in $OUT (default ./out).
+#
+#   bash benchmarks/device_train.sh bench      # make bench-train on GPU 0: pipelined vs plain, kernel vs reference
+#   bash benchmarks/device_train.sh quality    # full ML-1M runs: HSTU on GPU 0, SASRec on GPU 1 (or after it)
+#   bash benchmarks/device_train.sh large      # HSTU-large on GPU 0
+#   bash benchmarks/device_train.sh nccl       # 2 GPUs, NCCL: item table row-wise, rating table table-wise
+set -uo pipefail
+export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4
+OUT=${OUT:-./out}
+mkdir -p "$OUT"
+gpus=$(python3 -c 'import torch; print(torch.cuda.device_count())')
+train() {  # train <gpu list> <nproc> <config> <name> [overrides...]
+  local devices=$1 nproc=$2 config=$3 name=$4; shift 4
+  CUDA_VISIBLE_DEVICES=$devices python3 -m torch.distributed.run --standalone --nproc-per-node="$nproc" \
+    -m training.train --config "$config" run.name="$name" run.tensorboard=false "$@" > "$OUT/$name.log" 2>&1
+  echo "$name: exit $?"; grep -E "^epoch +[0-9]+ " "$OUT/$name.log" | tail -3; grep "test:" "$OUT/$name.log"
+}
+collect() {  # the run directories without checkpoints and exports, as one file
+  tar czf "$OUT/runs.tgz" --exclude=checkpoints --exclude=export --exclude=tensorboard runs/ 2>/dev/null
+}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+case ${1:?bench, quality, large or nccl} in
+  bench)
+    CUDA_VISIBLE_DEVICES=0 python3 -m benchmarks.train --config configs/ml-1m/hstu.yaml --steps 50 \
+      2>&1 | grep -v -i warn | tee "$OUT/bench-train.txt" | tail -12 ;;
+  quality)
+    if [ "$gpus" -ge 2 ]; then
+      train 0 1 configs/ml-1m/hstu.yaml hstu-gpu "${@:2}" &
+      train 1 1 configs/ml-1m/sasrec.yaml sasrec-gpu "${@:2}" &
+      wait
+    else
+      train 0 1 configs/ml-1m/hstu.yaml hstu-gpu "${@:2}"
+      train 0 1 configs/ml-1m/sasrec.yaml sasrec-gpu "${@:2}"
+    fi
+    collect ;;
+  large)
+    train 0 1 configs/ml-1m/hstu-large.yaml hstu-large-gpu "${@:2}"
+    collect ;;
+  nccl)
+    train 0,1 2 configs/ml-1m/hstu.yaml hstu-nccl2 model.rating_embeddings=true \
+      "sharding.tables={item_table: row_wise, rating_table: table_wise}" "${@:2}"
+    cp runs/hstu-nccl2/plan.txt "$OUT/nccl-plan.txt"; cat "$OUT/nccl-plan.txt"
+    collect ;;
+esac

@@ -1,0 +1,372 @@
+"""`make bench-serve`: a load generator for the gRPC server on 127.0.0.1, bounded in time.
+
+    python -m benchmarks.serve [--suite compare|closed|open|soak] [--artifact DIR] [options]
+
+Suites:
+  compare  dynamic batching against batch size 1: for each, a closed loop finds the saturation
+           throughput, then a bisection over open-loop rates finds the highest achieved QPS whose p99
+           stays under --p99-bound-ms with every reply OK; reports both and their ratio (default).
+  closed   --concurrency callers, each sending its next request as soon as the last one returns.
+  open     requests at a fixed --qps whatever the server does (latency counted from the scheduled send
+           time, so a slow server cannot hide its queueing).
+  engine   no gRPC: Engine.compute alone at batch sizes 1..64, the ceiling that batching can reach.
+  soak     open loop at --soak-factor times the saturation throughput for --duration seconds; checks the
+           server stays up, answers only OK / RESOURCE_EXHAUSTED / DEADLINE_EXCEEDED, and samples its RSS.
+
+The server runs as its own process (`python -m serving.server`), started per configuration. Without
+--artifact a random-weight export of ML-1M's size (3706 items, 6040 users, d=50, 2 HSTU blocks, max
+history 200) is written once under .cache/bench-serve/. Requests name a known user (history from the
+export, --history-len events), as a production caller would. Prints a table and the reproducing command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import datetime
+import os
+import platform
+import re
+import shlex
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import numpy as np
+import psutil
+
+from protos.genrec.v1 import recommender_pb2 as pb
+from protos.genrec.v1 import recommender_pb2_grpc as pb_grpc
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = ROOT / ".cache" / "bench-serve"
+ACCEPTED_UNDER_OVERLOAD = {"OK", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED"}
+
+
+# --- the artifact --------------------------------------------------------------------------------
+def realistic_artifact(history_len: int, num_items: int = 3706, num_users: int = 6040) -> Path:
+    """ML-1M-sized random export (cached): every user has ``history_len`` events."""
+    path = CACHE / f"export-{num_items}x50-h{history_len}-u{num_users}"
+    if not (path / "config.json").exists():
+        from models.config import ModelConfig  # torch imports only when an export must be built
+        from serving.testing import make_random_artifact
+
+        print(f"writing a random export to {path} ...", file=sys.stderr)
+        make_random_artifact(path, num_items=num_items, num_users=num_users, config=ModelConfig(),
+                             history_len=(history_len, history_len))
+    return path
+
+
+# --- the server process --------------------------------------------------------------------------
+@dataclass
+class ServerProcess:
+    """``python -m serving.server`` on a free loopback port; ``with`` waits until it is SERVING."""
+
+    artifact: Path
+    max_batch_size: int
+    max_queue_delay_ms: float
+    max_queue_size: int
+    torch_threads: int
+    port: int = 0
+    metrics_port: int = 0
+    log: list[str] = field(default_factory=list)
+
+    def __enter__(self) -> ServerProcess:
+        cmd = [sys.executable, "-m", "serving.server", "--artifact", str(self.artifact), "--port", "0",
+               "--max-batch-size", str(self.max_batch_size), "--max-queue-delay-ms", str(self.max_queue_delay_ms),
+               "--max-queue-size", str(self.max_queue_size), "--torch-threads", str(self.torch_threads),
+               "--metrics-port", "0"]
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        watchdog = threading.Timer(300, self.proc.kill)
+        watchdog.start()
+        for line in self.proc.stderr:
+            self.log.append(line)
+            if m := re.search(r"listening on 127\.0\.0\.1:(\d+)", line):
+                self.port = int(m.group(1))
+            if "SERVING model" in line:
+                self.metrics_port = int(line.rsplit(" ", 1)[-1])
+                break
+        watchdog.cancel()
+        if self.proc.poll() is not None or not self.port:
+            raise RuntimeError("server did not start:\n" + "".join(self.log))
+        # Keep draining its log so a full pipe never blocks the server.
+        threading.Thread(target=lambda: self.log.extend(self.proc.stderr), daemon=True).start()
+        self.ps = psutil.Process(self.proc.pid)
+        return self
+
+    def scrape(self) -> dict[str, float]:
+        """The server's Prometheus samples, summed over labels except ``code``."""
+        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10).read().decode()
+        samples: collections.Counter[str] = collections.Counter()
+        for name, labels, value in re.findall(r"^(genrec_\w+?)(\{[^}]*\})? (\S+)$", text, re.M):
+            code = re.search(r'code="(\w+)"', labels or "")
+            samples[name + (f"[{code.group(1)}]" if code else "")] += float(value)
+        return dict(samples)
+
+    def rss_mib(self) -> float:
+        return self.ps.memory_info().rss / 2**20
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def __exit__(self, *exc: object) -> None:
+        if self.alive():
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+# --- load ----------------------------------------------------------------------------------------
+@dataclass
+class LoadResult:
+    label: str
+    mode: str
+    offered: str
+    duration_s: float
+    codes: collections.Counter[str]
+    latencies_ms: list[float]  # OK replies only
+
+    @property
+    def throughput(self) -> float:
+        return self.codes["OK"] / self.duration_s
+
+    def percentile(self, q: float) -> float:
+        return float(np.percentile(self.latencies_ms, q)) if self.latencies_ms else float("nan")
+
+    @property
+    def all_ok(self) -> bool:
+        return set(self.codes) == {"OK"}
+
+
+def requests(num_users: int, top_k: int, seed: int = 0) -> Iterator[pb.RecommendRequest]:
+    rng = np.random.default_rng(seed)
+    while True:
+        yield pb.RecommendRequest(user_id=str(int(rng.integers(num_users))), top_k=top_k)
+
+
+async def _one(stub: pb_grpc.RecommenderServiceStub, request: pb.RecommendRequest, start: float, timeout: float,
+               result: LoadResult) -> None:
+    try:
+        await stub.Recommend(request, timeout=timeout)
+        result.codes["OK"] += 1
+        result.latencies_ms.append((time.perf_counter() - start) * 1000)
+    except grpc.aio.AioRpcError as e:
+        result.codes[e.code().name] += 1
+
+
+async def closed_loop(address: str, concurrency: int, duration: float, timeout: float, num_users: int, top_k: int,
+                      label: str) -> LoadResult:
+    result = LoadResult(label, "closed", f"c={concurrency}", duration, collections.Counter(), [])
+    source = requests(num_users, top_k)
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = pb_grpc.RecommenderServiceStub(channel)
+        stop_at = time.perf_counter() + duration
+
+        async def caller() -> None:
+            while (now := time.perf_counter()) < stop_at:
+                await _one(stub, next(source), now, timeout, result)
+
+        await asyncio.gather(*(caller() for _ in range(concurrency)))
+    return result
+
+
+async def open_loop(address: str, qps: float, duration: float, timeout: float, num_users: int, top_k: int,
+                    label: str, on_tick=None) -> LoadResult:
+    """Sends at a fixed rate (evenly spaced); each latency counts from the request's scheduled time."""
+    result = LoadResult(label, "open", f"{qps:.0f}/s", duration, collections.Counter(), [])
+    source = requests(num_users, top_k)
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = pb_grpc.RecommenderServiceStub(channel)
+        start = time.perf_counter()
+        tasks: set[asyncio.Task[None]] = set()
+        next_tick = 0.0
+        for i in range(int(qps * duration)):
+            scheduled = start + i / qps
+            if (delay := scheduled - time.perf_counter()) > 0:
+                await asyncio.sleep(delay)
+            task = asyncio.create_task(_one(stub, next(source), scheduled, timeout, result))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+            if on_tick is not None and scheduled - start >= next_tick:
+                on_tick(scheduled - start)
+                next_tick += 5.0
+        await asyncio.gather(*tasks)
+    return result
+
+
+# --- suites --------------------------------------------------------------------------------------
+def server_for(args: argparse.Namespace, artifact: Path, batch_size: int) -> ServerProcess:
+    return ServerProcess(artifact, batch_size, args.max_queue_delay_ms, args.max_queue_size, args.torch_threads)
+
+
+def saturation(args, server: ServerProcess, label: str) -> LoadResult:
+    address = f"127.0.0.1:{server.port}"
+    asyncio.run(closed_loop(address, args.concurrency, 2.0, args.timeout, args.num_users, args.top_k, label))  # warm
+    return asyncio.run(closed_loop(address, args.concurrency, args.duration, args.timeout, args.num_users,
+                                   args.top_k, label))
+
+
+def suite_compare(args, artifact: Path) -> list[LoadResult]:
+    """Per server: closed-loop saturation, then a bisection over open-loop rates (as fractions of it) for
+    the highest one whose p99 stays under the bound with every reply OK."""
+    rows: list[LoadResult] = []
+    best: dict[str, float] = {}
+    for label, batch in (("batch size 1", 1), (f"dynamic (max {args.max_batch_size})", args.max_batch_size)):
+        with server_for(args, artifact, batch) as server:
+            sat = saturation(args, server, label)
+            rows.append(sat)
+            best[label] = 0.0
+            lo, hi = 0.0, 1.0
+            for fraction in [args.bisect_from] + [None] * (args.bisect_steps - 1):
+                fraction = fraction if fraction is not None else (lo + hi) / 2
+                r = asyncio.run(open_loop(f"127.0.0.1:{server.port}", fraction * sat.throughput, args.duration,
+                                          args.timeout, args.num_users, args.top_k, label))
+                rows.append(r)
+                if r.all_ok and r.percentile(99) <= args.p99_bound_ms:
+                    lo, best[label] = fraction, max(best[label], r.throughput)
+                else:
+                    hi = fraction
+    one, dyn = best.values()
+    print(f"\nhighest QPS with p99 <= {args.p99_bound_ms:.0f} ms and every reply OK: "
+          + ", ".join(f"{k}: {v:.0f}" for k, v in best.items())
+          + (f"; dynamic / batch-1 = {dyn / one:.2f}x" if one else ""))
+    return rows
+
+
+def suite_soak(args, artifact: Path) -> tuple[list[LoadResult], bool]:
+    """Returns the rows and whether the server passed: alive, expected codes only, RSS flat (< 5%
+    growth over the second half)."""
+    with server_for(args, artifact, args.max_batch_size) as server:
+        sat = saturation(args, server, "saturation")
+        sat_samples = server.scrape()
+        qps = args.soak_factor * sat.throughput
+        rss: list[tuple[float, float]] = [(0.0, server.rss_mib())]
+        print(f"soak: {qps:.0f} req/s offered ({args.soak_factor:g}x saturation {sat.throughput:.0f}) "
+              f"for {args.soak_s:.0f}s", file=sys.stderr)
+        soak = asyncio.run(open_loop(f"127.0.0.1:{server.port}", qps, args.soak_s, args.timeout, args.num_users,
+                                     args.top_k, f"soak {args.soak_factor:g}x",
+                                     on_tick=lambda t: rss.append((t, server.rss_mib()))))
+        rss.append((args.soak_s, server.rss_mib()))
+        alive = server.alive()
+        after_samples = server.scrape() if alive else {}
+        after = asyncio.run(closed_loop(f"127.0.0.1:{server.port}", 1, 1.0, args.timeout, args.num_users,
+                                        args.top_k, "after soak")) if alive else None
+    unexpected = set(soak.codes) - ACCEPTED_UNDER_OVERLOAD
+    print("\nRSS (MiB) during the soak: " + ", ".join(f"{t:.0f}s {m:.0f}" for t, m in rss))
+    half = [m for t, m in rss if t >= args.soak_s / 2]
+    print(f"server alive: {alive}; replies: {dict(soak.codes)}; unexpected codes: {sorted(unexpected) or 'none'}; "
+          f"RSS second half {min(half):.0f}-{max(half):.0f} MiB (end - middle {half[-1] - half[0]:+.0f} MiB); "
+          f"after the soak: {dict(after.codes) if after else 'server gone'}")
+    if after_samples:
+        d = {k: after_samples.get(k, 0.0) - sat_samples.get(k, 0.0) for k in after_samples}
+        batches = d["genrec_batch_size_count"]
+        served = {k.split("[")[1][:-1]: int(v) for k, v in d.items() if k.startswith("genrec_requests_total[") and v}
+        print(f"server side during the soak: replies {served}; {batches:.0f} batches, mean size "
+              f"{d['genrec_batch_size_sum'] / max(batches, 1):.1f}, mean compute "
+              f"{d['genrec_compute_latency_seconds_sum'] / max(batches, 1) * 1000:.0f} ms")
+    passed = alive and not unexpected and half[-1] - half[0] < 0.05 * half[0]
+    print(f"soak {'passed' if passed else 'FAILED'}")
+    return [sat, soak] + ([after] if after else []), passed
+
+
+def suite_engine(args, artifact: Path) -> None:
+    """Model time per batch without the server: what dynamic batching can save at most."""
+    import torch
+
+    from serving.artifact import load_artifact
+    from serving.catalogue import Catalogue
+    from serving.engine import Engine
+    from serving.validation import RequestLimits, parse_request
+
+    torch.set_num_threads(args.torch_threads)
+    art = load_artifact(artifact)
+    engine, catalogue = Engine(art), Catalogue.from_artifact(art)
+    limits = RequestLimits(max_len=engine.max_len)
+    source = requests(args.num_users, args.top_k)
+    print("\n| batch | ms / batch | ms / request | requests/s |\n|------:|-----------:|-------------:|-----------:|")
+    for size in (1, 4, 16, 32, 64):
+        queries = [parse_request(next(source), catalogue, limits) for _ in range(size)]
+        engine.compute(queries)
+        reps = max(3, int(64 / size))
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            engine.compute(queries)
+        ms = (time.perf_counter() - t0) / reps * 1000
+        print(f"| {size:>5} | {ms:>10.2f} | {ms / size:>12.3f} | {size / ms * 1000:>10.0f} |")
+
+
+def print_table(rows: list[LoadResult]) -> None:
+    """A Markdown table, one row per load level."""
+    header = ["server", "load", "offered", "OK/s", "p50 ms", "p95 ms", "p99 ms", "replies"]
+    lines = [[r.label, r.mode, r.offered, f"{r.throughput:.0f}", f"{r.percentile(50):.1f}", f"{r.percentile(95):.1f}",
+              f"{r.percentile(99):.1f}", ", ".join(f"{k} {v}" for k, v in sorted(r.codes.items()))] for r in rows]
+    widths = [max(len(x) for x in column) for column in zip(header, *lines, strict=True)]
+    print()
+    for i, line in enumerate([header, *lines]):
+        print("| " + " | ".join(x.ljust(w) if j in (0, 1, 7) else x.rjust(w)
+                                for j, (x, w) in enumerate(zip(line, widths, strict=True))) + " |")
+        if i == 0:
+            print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.serve", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--suite", choices=["compare", "closed", "open", "soak", "engine"], default="compare")
+    p.add_argument("--artifact", type=Path, default=None, help="an export; default: a random ML-1M-sized one")
+    p.add_argument("--history-len", type=int, default=200, help="events per user in the generated export")
+    p.add_argument("--num-users", type=int, default=6040)
+    p.add_argument("--top-k", type=int, default=10)
+    p.add_argument("--duration", type=float, default=5.0, help="seconds per load level")
+    p.add_argument("--concurrency", type=int, default=64, help="closed-loop callers")
+    p.add_argument("--qps", type=float, default=200.0, help="open-loop rate (suite open)")
+    p.add_argument("--timeout", type=float, default=1.0, help="deadline of each request, seconds")
+    p.add_argument("--max-batch-size", type=int, default=32)
+    p.add_argument("--max-queue-delay-ms", type=float, default=2.0)
+    p.add_argument("--max-queue-size", type=int, default=256)
+    p.add_argument("--torch-threads", type=int, default=1)
+    p.add_argument("--p99-bound-ms", type=float, default=100.0)
+    p.add_argument("--bisect-from", type=float, default=0.5,
+                   help="first open-loop rate tried, as a fraction of the closed-loop saturation (suite compare)")
+    p.add_argument("--bisect-steps", type=int, default=5, help="open-loop rates tried per server (suite compare)")
+    p.add_argument("--soak-s", type=float, default=60.0)
+    p.add_argument("--soak-factor", type=float, default=4.0)
+    args = p.parse_args(argv)
+
+    artifact = args.artifact or realistic_artifact(args.history_len, num_users=args.num_users)
+    passed = True
+    if args.suite == "engine":
+        suite_engine(args, artifact)
+        rows = []
+    elif args.suite == "compare":
+        rows = suite_compare(args, artifact)
+    elif args.suite == "soak":
+        rows, passed = suite_soak(args, artifact)
+    else:
+        with server_for(args, artifact, args.max_batch_size) as server:
+            address = f"127.0.0.1:{server.port}"
+            common = (args.duration, args.timeout, args.num_users, args.top_k, f"max batch {args.max_batch_size}")
+            rows = [asyncio.run(closed_loop(address, args.concurrency, *common) if args.suite == "closed"
+                                else open_loop(address, args.qps, *common))]
+    if rows:
+        print_table(rows)
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"\n{platform.node()}: {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, "
+          f"load average {load}, {datetime.date.today()}")
+    print("reproduce: " + shlex.join([sys.executable.replace(str(ROOT) + "/", ""), "-m", "benchmarks.serve",
+                                      *(argv if argv is not None else sys.argv[1:])]))
+    return 0 if passed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

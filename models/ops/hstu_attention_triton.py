@@ -1,0 +1,958 @@
+"""Triton kernels for jagged causal HSTU attention, forward and backward.
+
+Per sequence and head (positions i, j inside the sequence)::
+
+    s_ij   = alpha * q_i . k_j + bias(i, j)                 bias from RelativeBias, optional
+    out_i  = sum_{j allowed(i)} SiLU(s_ij) / max_seq_len * v_j
+
+``allowed(i)`` is causal over the history; each of the last ``num_targets[b]`` tokens sees the
+history and itself only (``hstu_attention_reference.allowed_mask``).
+
+Design (what differs from a softmax flash-attention, and why):
+
+* No softmax means no running max/sum: every key block contributes independently, so the forward is
+  a plain ``acc += silu(Q K^T) V`` loop and the backward needs no row statistics from the forward.
+  The ``1 / max_seq_len`` factor is applied once to the fp32 accumulators, not per element.
+* SiLU is written in terms of ``h = s / 2``: ``silu(s) = h (1 + tanh h)`` and
+  ``silu'(s) = (1 + tanh h)(1 + h (1 - tanh h)) / 2``.  On GPU with 16-bit inputs the tanh is one
+  ``tanh.approx`` instruction on the special-function unit, whose work sits on every tile's
+  critical path; exp + reciprocal would cost it twice (H200, N=4096 forward: 4.8 vs 6.9 ms).
+  fp32 inputs and Triton's CPU interpreter use the exact ``1 / (1 + exp(-s))`` form.
+* Causality is exploited by the loop bounds: key blocks that no row of a query block can see are
+  never loaded, and only blocks that straddle the diagonal (or the num_targets boundary) evaluate
+  the element mask.  With targets, the key blocks between the history and the diagonal are skipped.
+* The relative bias is recomputed in the kernel from ``pos_weights`` [2N-1], ``time_weights`` [B+1]
+  and the token timestamps; no [N, N] tensor exists.  The time bucket ``floor(ln dt / scale)`` is
+  estimated in fp32 and then made exact with one integer comparison against a host-computed table
+  of bucket thresholds, so kernel and reference agree exactly on the bucket (for gaps below ~2^40 s,
+  beyond which float64's ln itself cannot separate neighbouring integers).
+* Backward = two deterministic kernels: one program per key block accumulates dK, dV (and the bias
+  gradients), one per query block accumulates dQ.  No atomics on dQ/dK/dV.  The two bias-table
+  gradients are reduced inside each program before touching global memory: the position gradient
+  per tile by summing the diagonals of dS (one atomic per relative position and tile), the
+  time gradient in a per-program register histogram (one atomic per bucket and program).
+* Programs are ordered heaviest first (longest rows of the longest sequences) so the tail of the
+  grid is made of short programs.
+
+Knobs (environment, read per call): ``HSTU_ATTN_AUTOTUNE=0`` uses the first candidate config of each
+kernel instead of autotuning (saves compile time); ``HSTU_ATTN_SILU=exact|tanh|tanh_f16x2`` picks the
+16-bit SiLU evaluation (default ``tanh``).  Under ``TRITON_INTERPRET=1`` one small fixed config is used.
+Results and measurements: docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import os
+import weakref
+from collections.abc import Iterator
+
+import torch
+import triton
+import triton.language as tl
+
+from models.ops.relative_bias import RelativeBias, time_gap_bucket
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+# SiLU evaluation modes (constexpr SILU_MODE).
+SILU_EXACT = 0  # 1 / (1 + exp(-s)): fp32 inputs, CPU interpreter
+SILU_TANH = 1  # tanh.approx.f32: one special-function op per element
+SILU_TANH_F16X2 = 2  # tanh.approx.f16x2: one special-function op per two elements (coarser)
+_SILU_BY_NAME = {"exact": SILU_EXACT, "tanh": SILU_TANH, "tanh_f16x2": SILU_TANH_F16X2}
+
+
+# ----------------------------------------------------------------------------------------------
+# Device helpers
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tanh_approx(h, SILU_MODE: tl.constexpr):
+    if SILU_MODE == 1:
+        return tl.inline_asm_elementwise(
+            "tanh.approx.f32 $0, $1;", "=f,f", [h], dtype=tl.float32, is_pure=True, pack=1
+        )
+    else:
+        t = tl.inline_asm_elementwise(
+            "tanh.approx.f16x2 $0, $1;", "=r,r", [h.to(tl.float16)], dtype=tl.float16, is_pure=True, pack=2
+        )
+        return t.to(tl.float32)
+
+
+@triton.jit
+def _silu_of_half(h, SILU_MODE: tl.constexpr):
+    """silu(2h) for h = s / 2."""
+    if SILU_MODE == 0:
+        return (2.0 * h) / (1.0 + tl.exp(-2.0 * h))
+    else:
+        t = _tanh_approx(h, SILU_MODE)
+        return h + h * t
+
+
+@triton.jit
+def _silu_and_grad_of_half(h, SILU_MODE: tl.constexpr):
+    """(silu(s), silu'(s)) for h = s / 2."""
+    if SILU_MODE == 0:
+        s = 2.0 * h
+        sig = 1.0 / (1.0 + tl.exp(-s))
+        return s * sig, sig * (1.0 + s * (1.0 - sig))
+    else:
+        t = _tanh_approx(h, SILU_MODE)
+        one_t = 1.0 + t
+        return h * one_t, 0.5 * one_t * (1.0 + h * (1.0 - t))
+
+
+@triton.jit
+def _silu_grad_of_half(h, SILU_MODE: tl.constexpr):
+    """silu'(s) for h = s / 2."""
+    if SILU_MODE == 0:
+        s = 2.0 * h
+        sig = 1.0 / (1.0 + tl.exp(-s))
+        return sig * (1.0 + s * (1.0 - sig))
+    else:
+        t = _tanh_approx(h, SILU_MODE)
+        return 0.5 * (1.0 + t) * (1.0 + h * (1.0 - t))
+
+
+@triton.jit
+def _mma(a, b, acc, DOT_PREC: tl.constexpr):
+    """tl.dot with fp32 accumulation.  DOT_PREC "upcast" is for Triton's CPU interpreter, whose dot
+    cannot multiply bf16 (it stores bf16 as raw 16-bit integers): the exact fp32 upcast is used."""
+    if DOT_PREC == "upcast":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc, input_precision=DOT_PREC)
+
+
+@triton.jit
+def _log2(x, FAST: tl.constexpr):
+    if FAST:  # one special-function op; its ~1e-7 relative error is far inside the bucket correction
+        return tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
+                                         pack=1)
+    else:
+        return tl.log2(x)
+
+
+@triton.jit
+def _rel_bias(POS_W, TIME_W, THRESH, i, j, ts_i, ts_j, max_seq_len, log2_to_bucket, num_buckets,
+              FAST: tl.constexpr):
+    """bias(i, j) and the time bucket, for broadcastable positions i (query) and j (key).
+
+    i and j must already be clamped to [0, seq_len) (done on the 1-D vectors by the callers, so
+    that rows/columns past the end, whose results are discarded, still index inside the table).
+    The bucket estimate c = round(ln(dt) / scale) is within 1/2 of the exact real value, so the
+    exact floor is c - 1 or c, and ``dt >= THRESH[c]`` (the smallest gap whose reference bucket is
+    >= c) picks the right one.  THRESH[num_buckets + 1] is "never", which also clamps at the top.
+    """
+    bias = tl.load(POS_W + (j - i + (max_seq_len - 1))).to(tl.float32)
+    dt = tl.maximum(tl.abs(ts_i - ts_j), 1)
+    x = _log2(dt.to(tl.float32), FAST) * log2_to_bucket
+    c = tl.minimum(tl.floor(x + 0.5).to(tl.int32), num_buckets + 1)
+    bucket = c - 1 + (dt >= tl.load(THRESH + c)).to(tl.int32)
+    bias += tl.load(TIME_W + bucket).to(tl.float32)
+    return bias, bucket
+
+
+@triton.jit
+def _allowed(i, j, hist, HAS_TARGETS: tl.constexpr):
+    """May query i see key j?  Causal; a target row (i >= hist) sees the history and itself."""
+    ok = j <= i
+    if HAS_TARGETS:
+        ok = ok & ((i < hist) | (j < hist) | (j == i))
+    return ok
+
+
+@triton.jit
+def _load_tile(ptrs, rows_ok, d_ok, ROW_MASK: tl.constexpr, D_MASK: tl.constexpr):
+    """Load a [rows, BLOCK_D] tile; out-of-range rows and padded head-dim columns read as 0
+    (zeros make padded rows/columns contribute nothing and can never be NaN)."""
+    if ROW_MASK:
+        if D_MASK:
+            return tl.load(ptrs, mask=rows_ok[:, None] & d_ok[None, :], other=0.0)
+        else:
+            return tl.load(ptrs, mask=rows_ok[:, None], other=0.0)
+    else:
+        if D_MASK:
+            return tl.load(ptrs, mask=d_ok[None, :], other=0.0)
+        else:
+            return tl.load(ptrs)
+
+
+@triton.jit
+def _key_ranges(start_m, seq_len, hist, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_TARGETS: tl.constexpr):
+    """Key-block ranges for a query block [start_m, start_m + BLOCK_M).
+
+    Returns (full_end, a_end, b_start, hi): keys [0, full_end) need no mask, [full_end, a_end)
+    and [b_start, hi) need the element mask, everything else is invisible to every row.
+    """
+    hi = tl.minimum(start_m + BLOCK_M, seq_len)
+    full_end = (tl.minimum(start_m, hist) // BLOCK_N) * BLOCK_N
+    if HAS_TARGETS:
+        # Key blocks starting at/after ceil(hist) hold only target keys, which are visible to their
+        # own row alone: only the blocks that reach the diagonal are needed.
+        dead_lo = tl.cdiv(hist, BLOCK_N) * BLOCK_N
+        a_end = tl.minimum(hi, dead_lo)
+        b_start = tl.maximum(a_end, (start_m // BLOCK_N) * BLOCK_N)
+    else:
+        a_end = hi
+        b_start = hi
+    return full_end, a_end, b_start, hi
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _fwd_tile(
+    acc, q, k_base, v_base, start_n, offs_m, offs_n, offs_dq, offs_dv, seq_len, hist, ts_q,
+    TS_base, POS_W, TIME_W, THRESH, stride_km, stride_vm, half_alpha, max_seq_len, log2_to_bucket,
+    num_buckets,
+    DQ: tl.constexpr, DV: tl.constexpr, BLOCK_DQ: tl.constexpr, BLOCK_DV: tl.constexpr,
+    MASKED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_TARGETS: tl.constexpr,
+    SILU_MODE: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    cols = start_n + offs_n
+    cols_ok = cols < seq_len
+    k = _load_tile(k_base + cols[:, None] * stride_km + offs_dq[None, :], cols_ok, offs_dq < DQ,
+                   MASKED, DQ != BLOCK_DQ)
+    h = _mma(q, tl.trans(k), None, DOT_PREC) * half_alpha
+    if HAS_BIAS:
+        ts_k = tl.load(TS_base + cols, mask=cols_ok, other=0)
+        bias, _ = _rel_bias(POS_W, TIME_W, THRESH, tl.minimum(offs_m, seq_len - 1)[:, None],
+                            tl.minimum(cols, seq_len - 1)[None, :], ts_q[:, None], ts_k[None, :], max_seq_len,
+                            log2_to_bucket, num_buckets, SILU_MODE != 0)
+        h += 0.5 * bias
+    p = _silu_of_half(h, SILU_MODE)
+    if MASKED:
+        p = tl.where(_allowed(offs_m[:, None], cols[None, :], hist, HAS_TARGETS), p, 0.0)
+    v = _load_tile(v_base + cols[:, None] * stride_vm + offs_dv[None, :], cols_ok, offs_dv < DV,
+                   MASKED, DV != BLOCK_DV)
+    return _mma(p.to(v.dtype), v, acc, DOT_PREC)
+
+
+@triton.jit
+def _hstu_fwd_kernel(
+    Q, K, V, OUT, SEQ_OFFSETS, NUM_TARGETS, POS_W, TIME_W, TS, THRESH,
+    stride_qm, stride_qh, stride_km, stride_kh, stride_vm, stride_vh, stride_om, stride_oh,
+    H, alpha, inv_max_seq_len, max_seq_len, log2_to_bucket, num_buckets,
+    AUTOTUNE_LEN,  # autotuning key only: the batch's longest sequence, rounded up to a power of 2
+    DQ: tl.constexpr, DV: tl.constexpr, BLOCK_DQ: tl.constexpr, BLOCK_DV: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_TARGETS: tl.constexpr, SILU_MODE: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    b = pid_bh // H
+    h = pid_bh % H
+    seq_start = tl.load(SEQ_OFFSETS + b)
+    seq_len = (tl.load(SEQ_OFFSETS + b + 1) - seq_start).to(tl.int32)
+    # Grid axis 1 counts query blocks from the end of the sequence: the first programs launched
+    # are the last (longest-row) blocks, the cheap first blocks fill the tail.
+    m_block = tl.cdiv(seq_len, BLOCK_M) - 1 - tl.program_id(1)
+    if m_block < 0:
+        return
+    start_m = m_block * BLOCK_M
+    hist = seq_len
+    if HAS_TARGETS:
+        hist = tl.minimum(tl.maximum(seq_len - tl.load(NUM_TARGETS + b).to(tl.int32), 0), seq_len)
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_dq = tl.arange(0, BLOCK_DQ)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    rows_ok = offs_m < seq_len
+    q_base = Q + seq_start * stride_qm + h * stride_qh
+    k_base = K + seq_start * stride_km + h * stride_kh
+    v_base = V + seq_start * stride_vm + h * stride_vh
+    TS_base = TS + seq_start
+    q = _load_tile(q_base + offs_m[:, None] * stride_qm + offs_dq[None, :], rows_ok, offs_dq < DQ,
+                   True, DQ != BLOCK_DQ)
+    ts_q = offs_m  # placeholder when there is no bias (never read)
+    if HAS_BIAS:
+        ts_q = tl.load(TS_base + offs_m, mask=rows_ok, other=0)
+    half_alpha = 0.5 * alpha
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+
+    full_end, a_end, b_start, hi = _key_ranges(start_m, seq_len, hist, BLOCK_M, BLOCK_N, HAS_TARGETS)
+    for start_n in range(0, full_end, BLOCK_N):
+        acc = _fwd_tile(acc, q, k_base, v_base, start_n, offs_m, offs_n, offs_dq, offs_dv, seq_len, hist, ts_q,
+                        TS_base, POS_W, TIME_W, THRESH, stride_km, stride_vm, half_alpha, max_seq_len,
+                        log2_to_bucket, num_buckets, DQ, DV, BLOCK_DQ, BLOCK_DV,
+                        False, HAS_BIAS, HAS_TARGETS, SILU_MODE, DOT_PREC)
+    for start_n in range(full_end, a_end, BLOCK_N):
+        acc = _fwd_tile(acc, q, k_base, v_base, start_n, offs_m, offs_n, offs_dq, offs_dv, seq_len, hist, ts_q,
+                        TS_base, POS_W, TIME_W, THRESH, stride_km, stride_vm, half_alpha, max_seq_len,
+                        log2_to_bucket, num_buckets, DQ, DV, BLOCK_DQ, BLOCK_DV,
+                        True, HAS_BIAS, HAS_TARGETS, SILU_MODE, DOT_PREC)
+    if HAS_TARGETS:
+        for start_n in range(b_start, hi, BLOCK_N):
+            acc = _fwd_tile(acc, q, k_base, v_base, start_n, offs_m, offs_n, offs_dq, offs_dv, seq_len, hist,
+                            ts_q, TS_base, POS_W, TIME_W, THRESH, stride_km, stride_vm, half_alpha, max_seq_len,
+                            log2_to_bucket, num_buckets, DQ, DV, BLOCK_DQ, BLOCK_DV,
+                            True, HAS_BIAS, HAS_TARGETS, SILU_MODE, DOT_PREC)
+
+    acc = acc * inv_max_seq_len
+    o_ptrs = OUT + seq_start * stride_om + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :]
+    tl.store(o_ptrs, acc.to(OUT.dtype.element_ty), mask=rows_ok[:, None] & (offs_dv < DV)[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# Backward: dK, dV and the bias-table gradients (one program per key block)
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _dkdv_tile(
+    dk, dv, t_hist, k, v, q_base, do_base, start_m, start_n, offs_m, offs_n, offs_dq, offs_dv, seq_len, hist,
+    ts_k, TS_base, POS_W, TIME_W, THRESH, DPOS, stride_qm, stride_dom, half_alpha, inv_max_seq_len,
+    max_seq_len, log2_to_bucket, num_buckets,
+    DQ: tl.constexpr, DV: tl.constexpr, BLOCK_DQ: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DIAG: tl.constexpr, NUM_BINS: tl.constexpr,
+    MASKED: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, HAS_TARGETS: tl.constexpr,
+    SILU_MODE: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    # The tile is transposed (keys are rows) so that dK and dV accumulate along its rows.
+    rows_q = start_m + offs_m
+    q_ok = rows_q < seq_len
+    q = _load_tile(q_base + rows_q[:, None] * stride_qm + offs_dq[None, :], q_ok, offs_dq < DQ,
+                   True, DQ != BLOCK_DQ)
+    do = _load_tile(do_base + rows_q[:, None] * stride_dom + offs_dv[None, :], q_ok, offs_dv < DV,
+                    True, DV != BLOCK_DV)
+    cols_k = start_n + offs_n  # key positions: rows of the transposed tile
+    hT = _mma(k, tl.trans(q), None, DOT_PREC) * half_alpha
+    if HAS_BIAS:
+        ts_q = tl.load(TS_base + rows_q, mask=q_ok, other=0)
+        biasT, bucketT = _rel_bias(POS_W, TIME_W, THRESH, tl.minimum(rows_q, seq_len - 1)[None, :],
+                                   tl.minimum(cols_k, seq_len - 1)[:, None], ts_q[None, :], ts_k[:, None],
+                                   max_seq_len, log2_to_bucket, num_buckets, SILU_MODE != 0)
+        hT += 0.5 * biasT
+    pT, dsiluT = _silu_and_grad_of_half(hT, SILU_MODE)
+    if MASKED:
+        okT = _allowed(rows_q[None, :], cols_k[:, None], hist, HAS_TARGETS)
+        pT = tl.where(okT, pT, 0.0)
+        dsiluT = tl.where(okT, dsiluT, 0.0)
+    dv = _mma(pT.to(do.dtype), do, dv, DOT_PREC)
+    dpT = _mma(v, tl.trans(do), None, DOT_PREC)
+    dsT = dpT * dsiluT  # dL/ds * max_seq_len; rows past the end have do = 0 so dsT = 0 there
+    dk = _mma(dsT.to(q.dtype), q, dk, DOT_PREC)
+    if BIAS_GRAD:
+        dbT = dsT * inv_max_seq_len  # dL/dbias(i, j), summed into the two tables below
+        # Position table: bias(i, j) uses pos_weights[N-1 + j - i], constant along the tile's
+        # diagonals.  Gather each diagonal into a row (w = c - r + BLOCK_M - 1) and reduce it:
+        # one atomic per relative position per tile instead of one per element.
+        # Gathering along the key axis makes the gathered tile [DIAG, BLOCK_M], not [BLOCK_N, DIAG].
+        w = tl.arange(0, DIAG)
+        c_idx = w[:, None] + offs_m[None, :] - (BLOCK_M - 1)
+        on_diag = (c_idx >= 0) & (c_idx < BLOCK_N)
+        g = tl.gather(dbT, tl.where(on_diag, c_idx, 0), axis=0)
+        diag_sum = tl.sum(tl.where(on_diag, g, 0.0), axis=1)
+        pos = (max_seq_len - 1) + start_n - start_m + w - (BLOCK_M - 1)
+        tl.atomic_add(DPOS + pos, diag_sum, sem="relaxed",
+                      mask=(w < BLOCK_M + BLOCK_N - 1) & (pos >= 0) & (pos < 2 * max_seq_len - 1))
+        # Time table: buckets of a tile usually span a narrow range (timestamps are roughly sorted),
+        # so reduce the tile once per bucket present and keep the sums in a per-program histogram.
+        valid = q_ok[None, :] & (cols_k < seq_len)[:, None]
+        if MASKED:
+            valid = valid & okT
+        b_lo = tl.min(tl.where(valid, bucketT, num_buckets), axis=None)
+        b_hi = tl.max(tl.where(valid, bucketT, 0), axis=None)
+        bins = tl.arange(0, NUM_BINS)
+        for bb in range(b_lo, b_hi + 1):
+            part = tl.sum(tl.where(bucketT == bb, dbT, 0.0), axis=None)
+            t_hist += tl.where(bins == bb, part, 0.0)
+    return dk, dv, t_hist
+
+
+@triton.jit
+def _hstu_bwd_dkdv_kernel(
+    Q, K, V, DO, DK, DV, SEQ_OFFSETS, NUM_TARGETS, POS_W, TIME_W, TS, THRESH, DPOS, DTIME,
+    stride_qm, stride_qh, stride_km, stride_kh, stride_vm, stride_vh, stride_dom, stride_doh,
+    stride_dkm, stride_dkh, stride_dvm, stride_dvh,
+    H, alpha, inv_max_seq_len, max_seq_len, log2_to_bucket, num_buckets,
+    AUTOTUNE_LEN,
+    DQ: tl.constexpr, DV_: tl.constexpr, BLOCK_DQ: tl.constexpr, BLOCK_DV: tl.constexpr,
+    NUM_BINS: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, HAS_TARGETS: tl.constexpr,
+    SILU_MODE: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DIAG: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    b = pid_bh // H
+    h = pid_bh % H
+    seq_start = tl.load(SEQ_OFFSETS + b)
+    seq_len = (tl.load(SEQ_OFFSETS + b + 1) - seq_start).to(tl.int32)
+    # Key block 0 is seen by every query: the heaviest programs come first.
+    start_n = tl.program_id(1) * BLOCK_N
+    if start_n >= seq_len:
+        return
+    hist = seq_len
+    if HAS_TARGETS:
+        hist = tl.minimum(tl.maximum(seq_len - tl.load(NUM_TARGETS + b).to(tl.int32), 0), seq_len)
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_dq = tl.arange(0, BLOCK_DQ)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    cols_k = start_n + offs_n
+    k_ok = cols_k < seq_len
+    q_base = Q + seq_start * stride_qm + h * stride_qh
+    do_base = DO + seq_start * stride_dom + h * stride_doh
+    TS_base = TS + seq_start
+    k = _load_tile(K + seq_start * stride_km + h * stride_kh + cols_k[:, None] * stride_km + offs_dq[None, :],
+                   k_ok, offs_dq < DQ, True, DQ != BLOCK_DQ)
+    v = _load_tile(V + seq_start * stride_vm + h * stride_vh + cols_k[:, None] * stride_vm + offs_dv[None, :],
+                   k_ok, offs_dv < DV_, True, DV_ != BLOCK_DV)
+    ts_k = offs_n  # placeholder when there is no bias (never read)
+    if HAS_BIAS:
+        ts_k = tl.load(TS_base + cols_k, mask=k_ok, other=0)
+    half_alpha = 0.5 * alpha
+    dk = tl.zeros([BLOCK_N, BLOCK_DQ], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    t_hist = tl.zeros([NUM_BINS], dtype=tl.float32)
+
+    # Query blocks that see this key block: from the one holding the diagonal to the end; those
+    # starting at/after start_n + BLOCK_N - 1 see every key of the block (no element mask), unless
+    # the block holds target keys, which only their own row sees.
+    lo = (start_n // BLOCK_M) * BLOCK_M
+    m_full = tl.cdiv(start_n + BLOCK_N - 1, BLOCK_M) * BLOCK_M
+    masked_hi = tl.minimum(m_full, seq_len)
+    unmasked_lo = m_full
+    if HAS_TARGETS:  # noqa: SIM102 (a compile-time branch around a run-time one)
+        if start_n + BLOCK_N > hist:
+            unmasked_lo = seq_len
+            masked_hi = seq_len
+            if start_n >= hist:
+                masked_hi = tl.minimum(start_n + BLOCK_N, seq_len)
+    for start_m in range(lo, masked_hi, BLOCK_M):
+        dk, dv, t_hist = _dkdv_tile(
+            dk, dv, t_hist, k, v, q_base, do_base, start_m, start_n, offs_m, offs_n, offs_dq, offs_dv, seq_len,
+            hist, ts_k, TS_base, POS_W, TIME_W, THRESH, DPOS, stride_qm, stride_dom, half_alpha, inv_max_seq_len,
+            max_seq_len, log2_to_bucket, num_buckets, DQ, DV_, BLOCK_DQ, BLOCK_DV, BLOCK_M, BLOCK_N, DIAG,
+            NUM_BINS, True, HAS_BIAS, BIAS_GRAD, HAS_TARGETS, SILU_MODE, DOT_PREC)
+    for start_m in range(unmasked_lo, seq_len, BLOCK_M):
+        dk, dv, t_hist = _dkdv_tile(
+            dk, dv, t_hist, k, v, q_base, do_base, start_m, start_n, offs_m, offs_n, offs_dq, offs_dv, seq_len,
+            hist, ts_k, TS_base, POS_W, TIME_W, THRESH, DPOS, stride_qm, stride_dom, half_alpha, inv_max_seq_len,
+            max_seq_len, log2_to_bucket, num_buckets, DQ, DV_, BLOCK_DQ, BLOCK_DV, BLOCK_M, BLOCK_N, DIAG,
+            NUM_BINS, False, HAS_BIAS, BIAS_GRAD, HAS_TARGETS, SILU_MODE, DOT_PREC)
+
+    if BIAS_GRAD:
+        bins = tl.arange(0, NUM_BINS)
+        tl.atomic_add(DTIME + bins, t_hist, sem="relaxed", mask=(bins <= num_buckets) & (t_hist != 0.0))
+    dk = dk * (2.0 * half_alpha * inv_max_seq_len)
+    dv = dv * inv_max_seq_len
+    dk_ptrs = DK + seq_start * stride_dkm + h * stride_dkh + cols_k[:, None] * stride_dkm + offs_dq[None, :]
+    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=k_ok[:, None] & (offs_dq < DQ)[None, :])
+    dv_ptrs = DV + seq_start * stride_dvm + h * stride_dvh + cols_k[:, None] * stride_dvm + offs_dv[None, :]
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=k_ok[:, None] & (offs_dv < DV_)[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# Backward: dQ (one program per query block)
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _dq_tile(
+    dq, q, do, k_base, v_base, start_n, offs_m, offs_n, offs_dq, offs_dv, seq_len, hist, ts_q,
+    TS_base, POS_W, TIME_W, THRESH, stride_km, stride_vm, half_alpha, max_seq_len, log2_to_bucket,
+    num_buckets,
+    DQ: tl.constexpr, DV: tl.constexpr, BLOCK_DQ: tl.constexpr, BLOCK_DV: tl.constexpr,
+    MASKED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_TARGETS: tl.constexpr,
+    SILU_MODE: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    cols = start_n + offs_n
+    cols_ok = cols < seq_len
+    k = _load_tile(k_base + cols[:, None] * stride_km + offs_dq[None, :], cols_ok, offs_dq < DQ,
+                   MASKED, DQ != BLOCK_DQ)
+    v = _load_tile(v_base + cols[:, None] * stride_vm + offs_dv[None, :], cols_ok, offs_dv < DV,
+                   MASKED, DV != BLOCK_DV)
+    h = _mma(q, tl.trans(k), None, DOT_PREC) * half_alpha
+    if HAS_BIAS:
+        ts_k = tl.load(TS_base + cols, mask=cols_ok, other=0)
+        bias, _ = _rel_bias(POS_W, TIME_W, THRESH, tl.minimum(offs_m, seq_len - 1)[:, None],
+                            tl.minimum(cols, seq_len - 1)[None, :], ts_q[:, None], ts_k[None, :], max_seq_len,
+                            log2_to_bucket, num_buckets, SILU_MODE != 0)
+        h += 0.5 * bias
+    dsilu = _silu_grad_of_half(h, SILU_MODE)
+    if MASKED:
+        dsilu = tl.where(_allowed(offs_m[:, None], cols[None, :], hist, HAS_TARGETS), dsilu, 0.0)
+    dp = _mma(do, tl.trans(v), None, DOT_PREC)
+    ds = dp * dsilu
+    return _mma(ds.to(k.dtype), k, dq, DOT_PREC)
+
+
+@triton.jit
+def _hstu_bwd_dq_kernel(
+    Q, K, V, DO, DQ_OUT, SEQ_OFFSETS, NUM_TARGETS, POS_W, TIME_W, TS, THRESH,
+    stride_qm, stride_qh, stride_km, stride_kh, stride_vm, stride_vh, stride_dom, stride_doh,
+    stride_dqm, stride_dqh,
+    H, alpha, inv_max_seq_len, max_seq_len, log2_to_bucket, num_buckets,
+    AUTOTUNE_LEN,
+    DQ: tl.constexpr, DV: tl.constexpr, BLOCK_DQ: tl.constexpr, BLOCK_DV: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_TARGETS: tl.constexpr, SILU_MODE: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    b = pid_bh // H
+    h = pid_bh % H
+    seq_start = tl.load(SEQ_OFFSETS + b)
+    seq_len = (tl.load(SEQ_OFFSETS + b + 1) - seq_start).to(tl.int32)
+    m_block = tl.cdiv(seq_len, BLOCK_M) - 1 - tl.program_id(1)
+    if m_block < 0:
+        return
+    start_m = m_block * BLOCK_M
+    hist = seq_len
+    if HAS_TARGETS:
+        hist = tl.minimum(tl.maximum(seq_len - tl.load(NUM_TARGETS + b).to(tl.int32), 0), seq_len)
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_dq = tl.arange(0, BLOCK_DQ)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    rows_ok = offs_m < seq_len
+    k_base = K + seq_start * stride_km + h * stride_kh
+    v_base = V + seq_start * stride_vm + h * stride_vh
+    TS_base = TS + seq_start
+    q = _load_tile(Q + seq_start * stride_qm + h * stride_qh + offs_m[:, None] * stride_qm + offs_dq[None, :],
+                   rows_ok, offs_dq < DQ, True, DQ != BLOCK_DQ)
+    do = _load_tile(DO + seq_start * stride_dom + h * stride_doh + offs_m[:, None] * stride_dom + offs_dv[None, :],
+                    rows_ok, offs_dv < DV, True, DV != BLOCK_DV)
+    ts_q = offs_m
+    if HAS_BIAS:
+        ts_q = tl.load(TS_base + offs_m, mask=rows_ok, other=0)
+    half_alpha = 0.5 * alpha
+    dq = tl.zeros([BLOCK_M, BLOCK_DQ], dtype=tl.float32)
+
+    full_end, a_end, b_start, hi = _key_ranges(start_m, seq_len, hist, BLOCK_M, BLOCK_N, HAS_TARGETS)
+    for start_n in range(0, full_end, BLOCK_N):
+        dq = _dq_tile(dq, q, do, k_base, v_base, start_n, offs_m, offs_n, offs_dq, offs_dv, seq_len, hist, ts_q,
+                      TS_base, POS_W, TIME_W, THRESH, stride_km, stride_vm, half_alpha, max_seq_len,
+                      log2_to_bucket, num_buckets, DQ, DV, BLOCK_DQ, BLOCK_DV,
+                      False, HAS_BIAS, HAS_TARGETS, SILU_MODE, DOT_PREC)
+    for start_n in range(full_end, a_end, BLOCK_N):
+        dq = _dq_tile(dq, q, do, k_base, v_base, start_n, offs_m, offs_n, offs_dq, offs_dv, seq_len, hist, ts_q,
+                      TS_base, POS_W, TIME_W, THRESH, stride_km, stride_vm, half_alpha, max_seq_len,
+                      log2_to_bucket, num_buckets, DQ, DV, BLOCK_DQ, BLOCK_DV,
+                      True, HAS_BIAS, HAS_TARGETS, SILU_MODE, DOT_PREC)
+    if HAS_TARGETS:
+        for start_n in range(b_start, hi, BLOCK_N):
+            dq = _dq_tile(dq, q, do, k_base, v_base, start_n, offs_m, offs_n, offs_dq, offs_dv, seq_len, hist,
+                          ts_q, TS_base, POS_W, TIME_W, THRESH, stride_km, stride_vm, half_alpha, max_seq_len,
+                          log2_to_bucket, num_buckets, DQ, DV, BLOCK_DQ, BLOCK_DV,
+                          True, HAS_BIAS, HAS_TARGETS, SILU_MODE, DOT_PREC)
+
+    dq = dq * (alpha * inv_max_seq_len)
+    dq_ptrs = DQ_OUT + seq_start * stride_dqm + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_dq[None, :]
+    tl.store(dq_ptrs, dq.to(DQ_OUT.dtype.element_ty), mask=rows_ok[:, None] & (offs_dq < DQ)[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch configurations
+# ----------------------------------------------------------------------------------------------
+
+# Under TRITON_INTERPRET=1 one small configuration, no autotuning (each interpreted op costs the
+# same whatever the tile size, so small tiles keep masks and multi-block loops exercised cheaply).
+# BLOCK_M != BLOCK_N on purpose: the loop-bound arithmetic must not rely on square tiles.
+INTERPRETER_CONFIGS = {
+    "fwd": {"BLOCK_M": 32, "BLOCK_N": 16},
+    "dkdv": {"BLOCK_M": 16, "BLOCK_N": 32},
+    "dq": {"BLOCK_M": 32, "BLOCK_N": 16},
+}
+
+
+def _cfg(bm: int, bn: int, warps: int, stages: int, diag: bool = False, maxnreg: int | None = None) -> triton.Config:
+    kwargs = {"BLOCK_M": bm, "BLOCK_N": bn}
+    if diag:
+        kwargs["DIAG"] = triton.next_power_of_2(bm + bn - 1)
+    return triton.Config(kwargs, num_warps=warps, num_stages=stages, maxnreg=maxnreg)
+
+
+# Hopper (H100/H200) candidates, per kernel and per variant, chosen from the compiler's register
+# report for D = 128 (sm_90, bf16): every "plain" config compiles without (or with a few bytes of)
+# spills.  Within one program the tensor-core work and the SiLU's special-function work of a tile
+# run one after the other (both warpgroups wait at the same barriers), so configs that fit two
+# programs on an SM (4 warps, or 8 warps capped at 128 registers) let one program's matmuls
+# overlap the other's tanh.  The in-kernel bias costs registers (gathered table entries, the
+# time-bucket arithmetic, and in dK/dV the diagonal gather of dS), so the bias variants use
+# narrower tiles, and at most two candidates each to bound autotuning compile time.  Head dims
+# above 128 double the tiles' shared memory and registers; their candidates are the small ones.
+_CONFIGS = {
+    "fwd": {
+        "plain": [_cfg(128, 64, 8, 3), _cfg(128, 64, 8, 2, maxnreg=128), _cfg(128, 32, 8, 3, maxnreg=128),
+                  _cfg(128, 32, 8, 4, maxnreg=128), _cfg(64, 64, 4, 2), _cfg(64, 32, 4, 3)],
+        "bias": [_cfg(128, 32, 8, 3), _cfg(128, 64, 8, 2)],
+        "big_d": [_cfg(64, 32, 4, 3), _cfg(64, 64, 4, 2), _cfg(128, 32, 8, 2)],
+    },
+    "dq": {
+        "plain": [_cfg(128, 64, 8, 3), _cfg(128, 32, 8, 3), _cfg(128, 32, 8, 3, maxnreg=128), _cfg(64, 32, 4, 3)],
+        "bias": [_cfg(128, 32, 8, 3), _cfg(64, 32, 4, 3)],
+        "big_d": [_cfg(64, 32, 4, 3), _cfg(64, 16, 4, 2), _cfg(128, 32, 8, 2)],
+    },
+    "dkdv": {
+        "plain": [_cfg(32, 128, 8, 3, True), _cfg(64, 128, 8, 2, True), _cfg(32, 64, 4, 3, True),
+                  _cfg(16, 64, 4, 2, True)],
+        "bias": [_cfg(32, 128, 8, 3, True), _cfg(16, 128, 8, 3, True)],
+        "bias_grad": [_cfg(16, 128, 8, 3, True), _cfg(16, 64, 4, 3, True)],
+        "big_d": [_cfg(32, 64, 4, 3, True), _cfg(16, 64, 4, 2, True), _cfg(32, 128, 8, 2, True)],
+    },
+}
+# Used when autotuning is switched off (HSTU_ATTN_AUTOTUNE=0): the first candidate of the variant.
+
+
+def _variant(which: str, kw: dict) -> str:
+    if max(kw["BLOCK_DQ"], kw["BLOCK_DV"]) > 128:
+        return "big_d"
+    if which == "dkdv" and kw.get("BIAS_GRAD"):
+        return "bias_grad"
+    return "bias" if kw["HAS_BIAS"] else "plain"
+
+
+def _all_configs(which: str) -> list[triton.Config]:
+    seen, out = set(), []
+    for cfgs in _CONFIGS[which].values():
+        for c in cfgs:
+            if str(c) not in seen:
+                seen.add(str(c))
+                out.append(c)
+    return out
+
+
+def _pruner(which: str):
+    def prune(configs, named_args, **kwargs):
+        wanted = {str(c) for c in _CONFIGS[which][_variant(which, {**named_args, **kwargs})]}
+        return [c for c in configs if str(c) in wanted]
+
+    return prune
+
+
+_KEYS = ["AUTOTUNE_LEN", "BLOCK_DQ", "BLOCK_DV", "HAS_BIAS", "HAS_TARGETS", "SILU_MODE", "DOT_PREC"]
+
+
+@functools.cache
+def _tuned(which: str):
+    prune = {"early_config_prune": _pruner(which)}
+    if which == "fwd":
+        return triton.autotune(_all_configs(which), key=_KEYS, prune_configs_by=prune)(_hstu_fwd_kernel)
+    if which == "dq":
+        return triton.autotune(_all_configs(which), key=_KEYS, prune_configs_by=prune)(_hstu_bwd_dq_kernel)
+    # Autotuning runs the kernel repeatedly: the atomically accumulated bias gradients must be
+    # zeroed before each trial (and after the last one).
+    return triton.autotune(_all_configs(which), key=_KEYS + ["BIAS_GRAD"], reset_to_zero=["DPOS", "DTIME"],
+                           prune_configs_by=prune)(_hstu_bwd_dkdv_kernel)
+
+
+def _launch(which: str, kernel, grid_rows, bh: int, args: tuple, meta: dict) -> None:
+    """Launch ``kernel`` fixed-config (interpreter / autotuning off) or through its autotuner."""
+    if _INTERPRET:
+        cfg = dict(INTERPRETER_CONFIGS[which])
+        if which == "dkdv":
+            cfg["DIAG"] = triton.next_power_of_2(cfg["BLOCK_M"] + cfg["BLOCK_N"] - 1)
+        kernel[(bh, triton.cdiv(grid_rows, cfg[_GRID_BLOCK[which]]))](*args, **meta, **cfg)
+        return
+    if os.environ.get("HSTU_ATTN_AUTOTUNE", "1") == "0":
+        c = _CONFIGS[which][_variant(which, meta)][0]
+        kernel[(bh, triton.cdiv(grid_rows, c.kwargs[_GRID_BLOCK[which]]))](*args, **meta, **c.all_kwargs())
+        return
+    tuned = _tuned(which)
+    tuned[lambda m: (bh, triton.cdiv(grid_rows, m[_GRID_BLOCK[which]]))](*args, **meta)
+
+
+# The grid's second axis walks query blocks (fwd, dq) or key blocks (dkdv).
+_GRID_BLOCK = {"fwd": "BLOCK_M", "dq": "BLOCK_M", "dkdv": "BLOCK_N"}
+
+
+def chosen_configs() -> dict[str, str]:
+    """The configuration each autotuner picked on its last run (for benchmark reports)."""
+    out = {}
+    if _tuned.cache_info().currsize:
+        for which in ("fwd", "dq", "dkdv"):
+            best = getattr(_tuned(which), "best_config", None)
+            if best is not None:
+                out[which] = str(best)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Host side
+# ----------------------------------------------------------------------------------------------
+
+_POISON = False
+
+
+@contextlib.contextmanager
+def poison_outputs() -> Iterator[None]:
+    """Test hook: allocate every kernel output (out, dq, dk, dv) NaN-filled instead of
+    uninitialised, so an element the kernels fail to write shows up as NaN."""
+    global _POISON
+    prev, _POISON = _POISON, True
+    try:
+        yield
+    finally:
+        _POISON = prev
+
+
+def _new_output(shape, like: torch.Tensor, covered: bool) -> torch.Tensor:
+    if not covered:  # rows outside every sequence are never visited by a program: define them as 0
+        return torch.zeros(shape, dtype=like.dtype, device=like.device)
+    if _POISON:
+        return torch.full(shape, float("nan"), dtype=like.dtype, device=like.device)
+    return torch.empty(shape, dtype=like.dtype, device=like.device)
+
+
+@functools.cache
+def _bucket_thresholds_cpu(scale: float, num_buckets: int) -> torch.Tensor:
+    """int64 [num_buckets + 2]: thresholds[c] = the smallest gap dt >= 1 whose reference bucket
+    (``time_gap_bucket``, float64) is >= c, for c <= num_buckets; int64 max where it does not fit
+    and for c = num_buckets + 1 (so the kernels need no clamp)."""
+    big = torch.iinfo(torch.int64).max
+    out = [1]
+    for c in range(1, num_buckets + 1):
+        guess = math.exp(c * scale)
+        if guess > 2.0**62:
+            out.append(big)
+            continue
+        base = max(int(guess) - 4, 1)
+        cand = torch.arange(base, base + 10, dtype=torch.int64)
+        ok = time_gap_bucket(cand, scale, num_buckets + 1) >= c
+        out.append(int(cand[ok.nonzero()[0, 0]]) if ok.any() else base + 10)
+    out.append(big)  # bucket num_buckets + 1 does not exist: the kernels' estimate c = num_buckets + 1 -> c - 1
+    return torch.tensor(out, dtype=torch.int64)
+
+
+_INT32_MAX = 2**31 - 1
+
+# Host-side facts derived from a device tensor cost a device->host synchronisation, which stalls
+# the launch queue (measured: ~0.9 ms per call at 512K tokens, 20% of the forward kernel's time).
+# Every layer of a model sees the same seq_offsets and timestamps tensors, so the last ones seen
+# are remembered, keyed by identity and in-place version.
+_HOST_CACHE: dict[str, tuple] = {}
+
+
+def _cached(name: str, key_tensors: tuple, extra, compute):
+    entry = _HOST_CACHE.get(name)
+    stamp = tuple((t.data_ptr(), t._version, t.shape) for t in key_tensors) + (extra,)
+    if entry is not None and all(r() is t for r, t in zip(entry[0], key_tensors, strict=True)) and entry[1] == stamp:
+        return entry[2]
+    value = compute()
+    _HOST_CACHE[name] = (tuple(weakref.ref(t) for t in key_tensors), stamp, value)
+    return value
+
+
+def _offsets_on_host(seq_offsets: torch.Tensor, L: int, device: torch.device):
+    """(offsets on the host, lengths on the host, int64 offsets on ``device``), validated."""
+
+    def compute():
+        offs = seq_offsets.detach().to("cpu", torch.int64)
+        if offs.dim() != 1 or offs.numel() < 1:
+            raise ValueError("seq_offsets must be a 1-D tensor [B + 1]")
+        lengths = offs[1:] - offs[:-1]
+        if (lengths < 0).any() or offs[0] < 0 or offs[-1] > L:
+            raise ValueError(f"seq_offsets must be non-decreasing within [0, {L}]; got {offs.tolist()[:8]}...")
+        return offs, lengths, seq_offsets.detach().to(device=device, dtype=torch.int64).contiguous()
+
+    return _cached("offsets", (seq_offsets,), (L, str(device)), compute)
+
+
+def _kernel_timestamps(ts: torch.Tensor, L: int, seq_offsets: torch.Tensor, offs: torch.Tensor, lengths: torch.Tensor,
+                       scale: float, num_buckets: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Timestamps as the kernels read them, and the matching bucket-threshold table.
+
+    Only differences within a sequence matter, so each sequence is shifted to start at its own
+    minimum; when every sequence then spans less than 2^31 - 1 seconds the kernels get int32 (half
+    the registers and integer work of int64 in the bias tile), else int64.
+    """
+    return _cached("timestamps", (ts, seq_offsets), (L, scale, num_buckets, str(device)),
+                   lambda: _kernel_timestamps_uncached(ts[:L].to(device=device, dtype=torch.int64), offs, lengths,
+                                                       scale, num_buckets))
+
+
+def _kernel_timestamps_uncached(ts, offs, lengths, scale, num_buckets):
+    thresh = _bucket_thresholds_cpu(scale, num_buckets)
+    L = ts.numel()
+    if L == 0:
+        return ts, thresh.to(ts.device)
+    seq_id = torch.repeat_interleave(torch.arange(lengths.numel()), lengths).to(ts.device)
+    start = int(offs[0])
+    seq_ts = ts[start:start + seq_id.numel()]
+    mins = torch.full((lengths.numel(),), torch.iinfo(torch.int64).max, dtype=torch.int64, device=ts.device)
+    mins = mins.scatter_reduce(0, seq_id, seq_ts, "amin")
+    rel = ts.clone()
+    rel[start:start + seq_id.numel()] = seq_ts - mins[seq_id]
+    if seq_id.numel() and int(rel[start:start + seq_id.numel()].max()) < _INT32_MAX:
+        # A threshold above every possible gap can never be reached: clamp instead of overflowing.
+        return rel.to(torch.int32), thresh.clamp(max=_INT32_MAX).to(torch.int32).to(ts.device)
+    return ts, thresh.to(ts.device)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    if _INTERPRET:
+        return "upcast" if dtype == torch.bfloat16 else "ieee"
+    if dtype != torch.float32:
+        return "tf32"  # ignored for 16-bit operands
+    # fp32 follows PyTorch's global matmul setting, like the reference's matmuls do.
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+def _silu_mode(dtype: torch.dtype) -> int:
+    if _INTERPRET or dtype == torch.float32:
+        return SILU_EXACT
+    return _SILU_BY_NAME[os.environ.get("HSTU_ATTN_SILU", "tanh")]
+
+
+class _Meta:
+    """Everything the kernels need besides q, k, v (validated once in forward)."""
+
+    def __init__(self, q, seq_offsets, max_seq_len, alpha, pos_w, time_w, ts, scale, num_targets):
+        L, H, dq = q.shape
+        offs, lengths, self.seq_offsets = _offsets_on_host(seq_offsets, L, q.device)
+        self.max_len = int(lengths.max()) if lengths.numel() else 0
+        if self.max_len > max_seq_len:
+            raise ValueError(f"a sequence of length {self.max_len} exceeds max_seq_len={max_seq_len}")
+        self.covered = bool(offs[0] == 0 and offs[-1] == L)
+        self.B, self.H, self.L = lengths.numel(), H, L
+        self.max_seq_len, self.alpha = int(max_seq_len), float(alpha)
+        self.has_targets = num_targets is not None
+        if self.has_targets:
+            if num_targets.numel() != self.B:
+                raise ValueError(f"num_targets has {num_targets.numel()} entries for {self.B} sequences")
+            self.num_targets = num_targets.to(device=q.device).contiguous()
+        else:
+            self.num_targets = self.seq_offsets  # never read
+        self.has_bias = pos_w is not None
+        if self.has_bias:
+            if pos_w.numel() < 2 * max_seq_len - 1:
+                raise ValueError(f"pos_weights has {pos_w.numel()} entries; max_seq_len={max_seq_len} needs "
+                                 f"{2 * max_seq_len - 1}")
+            if ts.numel() < L:
+                raise ValueError(f"timestamps has {ts.numel()} entries for {L} tokens")
+            self.num_buckets = time_w.numel() - 1
+            self.scale = float(scale)
+            self.ts, self.thresh = _kernel_timestamps(ts, L, seq_offsets, offs, lengths, self.scale, self.num_buckets,
+                                                      q.device)
+        else:
+            self.num_buckets, self.scale = 0, 1.0
+            self.ts = self.thresh = self.seq_offsets  # never read
+        self.dot_prec = _dot_precision(q.dtype)
+        self.silu_mode = _silu_mode(q.dtype)
+        self.autotune_len = triton.next_power_of_2(max(self.max_len, 16))
+
+    def scalars(self) -> tuple:
+        # The kernels take log2 and scale by ln(2) / scale to get ln(dt) / scale.
+        return (self.H, self.alpha, 1.0 / self.max_seq_len, self.max_seq_len, math.log(2.0) / self.scale,
+                self.num_buckets, self.autotune_len)
+
+
+def _block_d(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _forward(q, k, v, meta: _Meta, pos_w, time_w) -> torch.Tensor:
+    L, H, dq = q.shape
+    dv = v.shape[2]
+    out = _new_output((L, H, dv), v, meta.covered)
+    if meta.B == 0 or meta.max_len == 0 or H == 0:
+        return out
+    pw = pos_w if meta.has_bias else meta.seq_offsets
+    tw = time_w if meta.has_bias else meta.seq_offsets
+    args = (q, k, v, out, meta.seq_offsets, meta.num_targets, pw, tw, meta.ts, meta.thresh,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            out.stride(0), out.stride(1), *meta.scalars())
+    kw = dict(DQ=dq, DV=dv, BLOCK_DQ=_block_d(dq), BLOCK_DV=_block_d(dv), HAS_BIAS=meta.has_bias,
+              HAS_TARGETS=meta.has_targets, SILU_MODE=meta.silu_mode, DOT_PREC=meta.dot_prec)
+    _launch("fwd", _hstu_fwd_kernel, meta.max_len, meta.B * H, args, kw)
+    return out
+
+
+def _backward(q, k, v, do, meta: _Meta, pos_w, time_w, bias_grad: bool):
+    L, H, dq_dim = q.shape
+    dv_dim = v.shape[2]
+    dq = _new_output(q.shape, q, meta.covered)
+    dk = _new_output(k.shape, k, meta.covered)
+    dv = _new_output(v.shape, v, meta.covered)
+    dpos = dtime = None
+    if bias_grad:
+        dpos = torch.zeros(pos_w.numel(), dtype=torch.float32, device=q.device)
+        dtime = torch.zeros(time_w.numel(), dtype=torch.float32, device=q.device)
+    if meta.B == 0 or meta.max_len == 0 or H == 0:
+        return dq, dk, dv, dpos, dtime
+    pw = pos_w if meta.has_bias else meta.seq_offsets
+    tw = time_w if meta.has_bias else meta.seq_offsets
+    common = dict(DQ=dq_dim, BLOCK_DQ=_block_d(dq_dim), BLOCK_DV=_block_d(dv_dim), HAS_BIAS=meta.has_bias,
+                  HAS_TARGETS=meta.has_targets, SILU_MODE=meta.silu_mode, DOT_PREC=meta.dot_prec)
+    scratch = torch.zeros(1, dtype=torch.float32, device=q.device)
+    args = (q, k, v, do, dk, dv, meta.seq_offsets, meta.num_targets, pw, tw, meta.ts, meta.thresh,
+            dpos if bias_grad else scratch, dtime if bias_grad else scratch,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            do.stride(0), do.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), *meta.scalars())
+    _launch("dkdv", _hstu_bwd_dkdv_kernel, meta.max_len, meta.B * H, args,
+            dict(common, DV_=dv_dim, NUM_BINS=triton.next_power_of_2(max(meta.num_buckets + 1, 2)),
+                 BIAS_GRAD=bias_grad))
+    args = (q, k, v, do, dq, meta.seq_offsets, meta.num_targets, pw, tw, meta.ts, meta.thresh,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            do.stride(0), do.stride(1), dq.stride(0), dq.stride(1), *meta.scalars())
+    _launch("dq", _hstu_bwd_dq_kernel, meta.max_len, meta.B * H, args, dict(common, DV=dv_dim))
+    return dq, dk, dv, dpos, dtime
+
+
+class _HSTUAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, pos_w, time_w, meta: _Meta):
+        q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+        out = _forward(q, k, v, meta, pos_w, time_w)
+        ctx.save_for_backward(q, k, v, pos_w, time_w)
+        ctx.meta = meta
+        return out
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, pos_w, time_w = ctx.saved_tensors
+        meta = ctx.meta
+        bias_grad = meta.has_bias and (ctx.needs_input_grad[3] or ctx.needs_input_grad[4])
+        dq, dk, dv, dpos, dtime = _backward(q, k, v, _last_dim_contiguous(do), meta, pos_w, time_w, bias_grad)
+        if bias_grad:
+            dpos = dpos.to(pos_w.dtype) if ctx.needs_input_grad[3] else None
+            dtime = dtime.to(time_w.dtype) if ctx.needs_input_grad[4] else None
+        return dq, dk, dv, dpos, dtime, None
+
+
+def hstu_attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    seq_offsets: torch.Tensor,
+    max_seq_len: int,
+    alpha: float,
+    *,
+    rab: RelativeBias | None = None,
+    num_targets: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Triton implementation of ``models.ops.hstu_attention`` (same arguments and result).
+
+    Differentiable in q, k, v and, when a ``rab`` is given, in ``rab.pos_weights`` and
+    ``rab.time_weights``.  Inputs bf16, fp16 or fp32 (fp32 accumulation); head dims up to 256
+    (Dqk may differ from Dv).  Raises ValueError for a sequence longer than ``max_seq_len``.
+    """
+    if q.dim() != 3 or k.shape != q.shape or v.dim() != 3 or v.shape[:2] != q.shape[:2]:
+        raise ValueError(f"expected q, k [L, H, D] and v [L, H, Dv]; got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"q, k, v must share one of fp32/bf16/fp16; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if max(q.shape[2], v.shape[2]) > 256:
+        raise ValueError(f"head dims up to 256 are supported; got Dqk={q.shape[2]}, Dv={v.shape[2]}")
+    pos_w = time_w = ts = None
+    scale = 1.0
+    if rab is not None:
+        pos_w, time_w, ts, scale = rab.pos_weights, rab.time_weights, rab.timestamps, rab.time_bucket_scale
+    meta = _Meta(q, seq_offsets, max_seq_len, alpha, pos_w, time_w, ts, scale, num_targets)
+    if rab is None:
+        # autograd.Function needs tensors in the slots; empty placeholders carry no gradient.
+        pos_w = time_w = q.new_empty(0)
+    return _HSTUAttention.apply(q, k, v, pos_w, time_w, meta)

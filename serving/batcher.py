@@ -1,0 +1,246 @@
+"""Dynamic batching: requests from many RPCs are grouped and computed together on one model thread.
+
+A batch is closed when it holds ``max_batch_size`` requests or when its oldest request has waited
+``max_queue_delay_ms``, whichever comes first; while one batch computes, the next one fills up, so under
+load batches grow by themselves and at low load a request waits at most the delay. The queue is
+bounded: a request that finds it full is refused at once (the server answers RESOURCE_EXHAUSTED)
+rather than queued behind work it cannot outlive; so is one whose deadline is nearer than the full
+batches already queued ahead of it could be computed (``DeadlineExpired``). A request whose deadline
+passes while it waits is answered ``DeadlineExpired`` and never computed; one whose caller went away
+is dropped. Under overload this keeps the model busy with requests that can still be delivered
+instead of ones whose callers have given up.
+
+Example::
+
+    >>> batcher = DynamicBatcher(engine.compute, BatcherConfig(max_batch_size=32, max_queue_delay_ms=2))
+    >>> await batcher.start()
+    >>> result = await batcher.submit(query, timeout=0.5)   # from many coroutines at once
+    >>> await batcher.close()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from serving.metrics import Metrics
+
+Q = TypeVar("Q")
+R = TypeVar("R")
+
+log = logging.getLogger(__name__)
+
+DEADLINE_MARGIN_S = 0.01
+"""A request is answered DEADLINE_EXCEEDED this long before its deadline, so the explicit status
+reaches the client before gRPC's own deadline handling cancels the call."""
+
+
+class QueueFull(Exception):
+    """The bounded queue had no room for the request."""
+
+
+class DeadlineExpired(Exception):
+    """The request's deadline passed, or would pass in the queue, before its batch was computed."""
+
+
+@dataclass(frozen=True)
+class BatcherConfig:
+    """How requests are grouped.
+
+    Attributes:
+        max_batch_size: most requests in one model call (1 disables batching).
+        max_queue_delay_ms: longest the oldest request of a batch waits for company.
+        max_queue_size: requests that may wait at once; the next one is refused.
+    """
+
+    max_batch_size: int = 32
+    max_queue_delay_ms: float = 2.0
+    max_queue_size: int = 256
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1 or self.max_queue_size < 1 or self.max_queue_delay_ms < 0:
+            raise ValueError(f"invalid batcher config {self}")
+
+
+@dataclass
+class _Pending(Generic[Q, R]):
+    query: Q
+    future: asyncio.Future[R]
+    enqueued: float  # loop.time()
+    deadline: float | None  # loop.time(), None for no deadline
+
+
+class DynamicBatcher(Generic[Q, R]):
+    """Groups ``submit``ted queries into calls of ``compute(list[Q]) -> list[R]`` on one thread.
+
+    ``compute`` runs on a single worker thread, so the model never runs twice at once and the
+    event loop stays free to accept and validate requests while a batch computes.
+    """
+
+    def __init__(self, compute: Callable[[Sequence[Q]], list[R]], config: BatcherConfig,
+                 metrics: Metrics | None = None):
+        self.config = config
+        self._compute = compute
+        self._metrics = metrics
+        self._queue: asyncio.Queue[_Pending[Q, R]] = asyncio.Queue(maxsize=config.max_queue_size)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        self._task: asyncio.Task[None] | None = None
+        self._batch_seconds = 0.0
+
+    async def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="batcher")
+
+    def expected_wait(self) -> float:
+        """Seconds until a request queued now would be answered, at the recent batch time: the full
+        batches ahead of it and its own. An empty queue counts as no wait, so a batch time inflated by
+        a stall is measured again instead of refusing every request from then on."""
+        queued = self._queue.qsize()
+        return (queued // self.config.max_batch_size + 1) * self._batch_seconds if queued else 0.0
+
+    def admit(self, timeout: float | None) -> None:
+        """Raises ``QueueFull`` or ``DeadlineExpired`` if a request with ``timeout`` seconds left would
+        be refused now. Cheap: callers run it before validating, to shed load early."""
+        if self._queue.full():
+            raise QueueFull(f"the queue holds {self.config.max_queue_size} requests")
+        if timeout is not None and timeout <= max(DEADLINE_MARGIN_S, wait := self.expected_wait()):
+            raise DeadlineExpired(f"{timeout:.3f}s left, the queue ahead takes ~{wait:.3f}s")
+
+    async def submit(self, query: Q, timeout: float | None = None) -> R:
+        """Waits for ``query``'s result; raises ``QueueFull`` or ``DeadlineExpired``.
+
+        ``timeout`` is the time left to the caller's deadline in seconds (gRPC's
+        ``context.time_remaining()``), None for none.
+        """
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        self.admit(timeout)
+        item = _Pending(query, loop.create_future(), now, None if timeout is None else now + timeout)
+        self._queue.put_nowait(item)  # cannot fail: admit() saw room and nothing ran since
+        self._observe_depth()
+        # If the RPC is cancelled (client gone) this await cancels the future too, and the batcher
+        # skips it. The deadline is answered here, a little before gRPC's own timer would cancel the
+        # RPC: that cancel reaches a busy client as CANCELLED rather than DEADLINE_EXCEEDED.
+        try:
+            async with asyncio.timeout(None if timeout is None else timeout - DEADLINE_MARGIN_S):
+                return await item.future
+        except TimeoutError:
+            raise DeadlineExpired(f"deadline reached after {loop.time() - now:.3f}s in the queue") from None
+
+    async def close(self) -> None:
+        """Stops batching; requests still queued are cancelled. Call after in-flight RPCs finished."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        while not self._queue.empty():
+            self._queue.get_nowait().future.cancel()
+        # A batch still on the model thread (past the grace period) is left to finish on its own.
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # --- the loop ------------------------------------------------------------------------------
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._collect(loop)
+            self._observe_depth()
+            # Callers may have left (or run out of time) while the batch filled up.
+            now = loop.time()
+            batch = [item for item in batch if not self._dead(item, now)]
+            batch = self._drop_doomed(batch, now)
+            if batch:
+                await self._execute(batch, loop)
+
+    async def _collect(self, loop: asyncio.AbstractEventLoop) -> list[_Pending[Q, R]]:
+        """Blocks for the first live request, then gathers more until the batch is full or the first
+        one has waited ``max_queue_delay_ms``. Dead requests met on the way are answered and skipped,
+        so under overload the queue drains work that could no longer be delivered without computing it."""
+        batch: list[_Pending[Q, R]] = []
+        flush_at = 0.0
+        while len(batch) < self.config.max_batch_size:
+            if not self._queue.empty():
+                item = self._queue.get_nowait()
+            elif not batch:
+                item = await self._queue.get()
+            else:
+                remaining = flush_at - loop.time()
+                if remaining <= 0:
+                    break
+                try:
+                    async with asyncio.timeout(remaining):
+                        item = await self._queue.get()
+                except TimeoutError:
+                    break
+            if self._dead(item, loop.time()):
+                continue
+            if not batch:
+                flush_at = item.enqueued + self.config.max_queue_delay_ms / 1000
+            batch.append(item)
+        return batch
+
+    def _drop_doomed(self, batch: list[_Pending[Q, R]], now: float) -> list[_Pending[Q, R]]:
+        """Answers the requests whose deadline falls before this batch could finish (at the recent batch
+        time): computing them would only delay the others. If none could finish, the batch runs anyway,
+        so a batch time inflated by a stall is measured again rather than refusing everything after."""
+        finish = now + self._batch_seconds
+        doomed = [item for item in batch if item.deadline is not None and item.deadline < finish]
+        if not doomed or len(doomed) == len(batch):
+            return batch
+        for item in doomed:
+            item.future.set_exception(DeadlineExpired("deadline falls before the batch could be computed"))
+        return [item for item in batch if item.deadline is None or item.deadline >= finish]
+
+    def _dead(self, item: _Pending[Q, R], now: float) -> bool:
+        """True for a request not worth computing: its RPC was cancelled, or its deadline has passed
+        (answered here)."""
+        if item.future.done():
+            return True
+        if item.deadline is not None and item.deadline <= now:
+            item.future.set_exception(DeadlineExpired(f"deadline passed after {now - item.enqueued:.3f}s in the queue"))
+            return True
+        return False
+
+    async def _execute(self, batch: list[_Pending[Q, R]], loop: asyncio.AbstractEventLoop) -> None:
+        queries = [item.query for item in batch]
+        start = loop.time()
+        if self._metrics is not None:
+            self._metrics.batch_size.observe(len(batch))
+            for item in batch:
+                self._metrics.queue_latency.observe(start - item.enqueued)
+        t0 = time.perf_counter()
+        try:
+            results = await loop.run_in_executor(self._executor, self._compute, queries)
+        except Exception:
+            # One poisoned request must not fail its neighbours: retry them one by one.
+            log.exception("batch of %d failed; retrying its requests one at a time", len(batch))
+            await self._execute_singly(batch, loop)
+            return
+        elapsed = time.perf_counter() - t0
+        # A moving average of batch time, so deadlines are judged against what a batch costs now.
+        self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * elapsed if self._batch_seconds else elapsed
+        if self._metrics is not None:
+            self._metrics.compute_latency.observe(elapsed)
+        for item, result in zip(batch, results, strict=True):
+            if not item.future.done():
+                item.future.set_result(result)
+
+    async def _execute_singly(self, batch: list[_Pending[Q, R]], loop: asyncio.AbstractEventLoop) -> None:
+        for item in batch:
+            if item.future.done():
+                continue
+            try:
+                (result,) = await loop.run_in_executor(self._executor, self._compute, [item.query])
+            except Exception as e:
+                log.exception("a request failed on its own")
+                if not item.future.done():
+                    item.future.set_exception(e)
+                continue
+            if not item.future.done():
+                item.future.set_result(result)
+
+    def _observe_depth(self) -> None:
+        if self._metrics is not None:
+            self._metrics.queue_depth.set(self._queue.qsize())

@@ -1,0 +1,88 @@
+"""Raw ↔ dense ids, item titles and the known users' histories of an export, as lookups.
+
+The wire speaks raw ids ("1193"); the model speaks dense rows (1..num_items, 0 padding). Every
+history is stored once, back to back in two arrays, so 6,000 users cost two arrays and a dict.
+
+Example::
+
+    >>> cat = Catalogue.from_artifact(load_artifact("runs/latest/export"))
+    >>> cat.dense_id("1193"), cat.raw_ids[cat.dense_id("1193")]
+    (42, '1193')
+    >>> cat.user_history("1").items[:3]
+    array([ 12, 977, 1043])
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from serving.artifact import Artifact
+
+
+@dataclass(frozen=True)
+class History:
+    """One user's events, oldest first: dense item ids and timestamps (seconds), both int64."""
+
+    items: np.ndarray
+    timestamps: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+class Catalogue:
+    """Lookups built once from the export's items and users tables."""
+
+    def __init__(self, items: pd.DataFrame, users: pd.DataFrame):
+        items = items.sort_values("item_id")
+        self.num_items = len(items)
+        # Index 0 is the padding row: it has no raw id and is never returned.
+        self.raw_ids: list[str] = ["", *items["raw_item"].astype(str)]
+        titles = items["title"] if "title" in items.columns else pd.Series([None] * self.num_items)
+        self.titles: list[str] = ["", *("" if pd.isna(t) else str(t) for t in titles)]
+        self._dense = {raw: i for i, raw in enumerate(self.raw_ids) if i > 0}
+        self._users, self._history_items, self._history_ts, self._offsets = self._index_users(users)
+
+    @classmethod
+    def from_artifact(cls, artifact: Artifact) -> Catalogue:
+        return cls(artifact.items, artifact.users)
+
+    @property
+    def num_users(self) -> int:
+        return len(self._users)
+
+    def dense_id(self, raw_item: str) -> int:
+        """The dense row of a raw item id, 0 when unknown."""
+        return self._dense.get(raw_item, 0)
+
+    def dense_ids(self, raw_items: list[str]) -> np.ndarray:
+        """[n] int64 dense rows, 0 for each unknown id."""
+        get = self._dense.get
+        return np.fromiter((get(x, 0) for x in raw_items), dtype=np.int64, count=len(raw_items))
+
+    def user_history(self, raw_user: str) -> History | None:
+        """The stored history of a known user, None for an unknown one."""
+        row = self._users.get(raw_user)
+        if row is None:
+            return None
+        start, end = self._offsets[row], self._offsets[row + 1]
+        return History(self._history_items[start:end], self._history_ts[start:end])
+
+    def _index_users(self, users: pd.DataFrame) -> tuple[dict[str, int], np.ndarray, np.ndarray, np.ndarray]:
+        """Flattens the list columns once and maps raw item ids to dense ones vectorised."""
+        if len(users) == 0:
+            empty = np.zeros(0, dtype=np.int64)
+            return {}, empty, empty, np.zeros(1, dtype=np.int64)
+        items = pa.array(users["item_ids"], type=pa.list_(pa.string()))
+        stamps = pa.array(users["timestamps"], type=pa.list_(pa.int64()))
+        lookup = pd.Index(self.raw_ids[1:])
+        dense = lookup.get_indexer(items.flatten().to_numpy(zero_copy_only=False)) + 1
+        if (dense == 0).any():
+            raise ValueError("the users table names items that the items table does not have")
+        offsets = items.offsets.to_numpy().astype(np.int64)
+        index = {str(u): i for i, u in enumerate(users["user_id"])}
+        return index, dense.astype(np.int64), stamps.flatten().to_numpy().astype(np.int64), offsets

@@ -1,0 +1,371 @@
+"""The gRPC server: ``genrec.v1.RecommenderService`` over a dynamic batcher, plus health, reflection
+and Prometheus metrics.
+
+Lifecycle: the port opens first with health NOT_SERVING; the export is loaded and the model warmed
+up off the event loop; then health turns SERVING. On SIGTERM (or SIGINT) health turns NOT_SERVING,
+new RPCs are refused, in-flight ones get ``grace_s`` seconds to finish, then the process exits 0.
+
+Run it::
+
+    python -m serving.server --artifact runs/latest/export --port 50051 --metrics-port 9100
+
+or embed it (tests do)::
+
+    >>> server = RecommenderServer(ServerConfig(artifact=Path("runs/latest/export"), port=0))
+    >>> port = await server.start()       # returns once SERVING
+    >>> await server.shutdown()
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from protos.genrec.v1 import recommender_pb2 as pb
+from protos.genrec.v1 import recommender_pb2_grpc as pb_grpc
+from serving.artifact import load_artifact
+from serving.batcher import BatcherConfig, DeadlineExpired, DynamicBatcher, QueueFull
+from serving.catalogue import Catalogue
+from serving.engine import Engine, Recommendation
+from serving.metrics import Metrics
+from serving.validation import InvalidRequest, Query, RequestLimits, parse_request
+
+log = logging.getLogger("serving")
+
+OVERLOADED = "server overloaded: the request queue is full; retry with backoff"
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RecommenderService"].full_name
+"""``genrec.v1.RecommenderService``: the health-check and reflection name of the service."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything ``python -m serving.server`` takes as flags.
+
+    Attributes:
+        artifact: the export directory (``serving.artifact``).
+        host: address to bind; loopback unless told otherwise.
+        port: 0 picks a free port (``start`` returns it).
+        metrics_port: Prometheus /metrics on ``host``; None disables it, 0 picks a free port.
+        batcher: max batch size, max queue delay, queue bound.
+        grace_s: how long in-flight RPCs may take to finish on shutdown.
+        max_message_bytes: transport limit of one message (gRPC answers RESOURCE_EXHAUSTED above it);
+            ``max_request_bytes`` is the smaller application limit (INVALID_ARGUMENT above it).
+        max_request_bytes: largest request ``serving.validation`` accepts.
+        keepalive_time_s: ping a connection idle this long, so dead peers are noticed.
+        keepalive_timeout_s: drop it when a ping is not answered this fast.
+        min_client_ping_interval_s: clients pinging more often than this are told to go away.
+        tls_cert, tls_key: PEM files; both set serves TLS, neither serves plaintext.
+        max_unrequested_rpcs: RPCs gRPC core may hold before the event loop takes them.
+        torch_threads: intra-op threads of the model (the event loop needs a core too).
+        device: "cpu" or "cuda".
+    """
+
+    artifact: Path
+    host: str = "127.0.0.1"
+    port: int = 50051
+    metrics_port: int | None = None
+    batcher: BatcherConfig = field(default_factory=BatcherConfig)
+    grace_s: float = 10.0
+    max_message_bytes: int = 4 << 20
+    max_request_bytes: int = 1 << 20
+    keepalive_time_s: float = 60.0
+    keepalive_timeout_s: float = 20.0
+    min_client_ping_interval_s: float = 10.0
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    max_unrequested_rpcs: int = 10_000
+    torch_threads: int = 1
+    device: str = "cpu"
+
+    def grpc_options(self) -> list[tuple[str, int]]:
+        ms = lambda s: int(s * 1000)
+        return [
+            ("grpc.max_receive_message_length", self.max_message_bytes),
+            ("grpc.max_send_message_length", self.max_message_bytes),
+            ("grpc.keepalive_time_ms", ms(self.keepalive_time_s)),
+            ("grpc.keepalive_timeout_ms", ms(self.keepalive_timeout_s)),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", ms(self.min_client_ping_interval_s)),
+            ("grpc.http2.max_ping_strikes", 2),
+            # gRPC sets SO_REUSEPORT by default, which lets a second server bind a busy port silently.
+            ("grpc.so_reuseport", 0),
+            # RPCs gRPC core holds until the event loop picks them up. Past the limit core sheds them,
+            # which clients of this gRPC version see as CANCELLED; set high so that load is shed by
+            # the request queue instead, with RESOURCE_EXHAUSTED or DEADLINE_EXCEEDED.
+            ("grpc.server.max_pending_requests", self.max_unrequested_rpcs),
+            ("grpc.server.max_pending_requests_hard_limit", self.max_unrequested_rpcs),
+        ]
+
+
+class Rejected(Exception):
+    """A request answered with a non-OK status before or instead of computing it."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
+    """The RPC handlers: validate, submit to the batcher, turn dense ids back into raw ones."""
+
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+        # Set once the model is loaded (``RecommenderServer._load``); until then RPCs get UNAVAILABLE.
+        self.catalogue: Catalogue | None = None
+        self.batcher: DynamicBatcher[Query, Recommendation] | None = None
+        self.limits: RequestLimits | None = None
+        self.version = ""
+        self.in_flight = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    async def Recommend(self, request: pb.RecommendRequest, context: grpc.aio.ServicerContext
+                        ) -> pb.RecommendResponse:
+        async with self._track("Recommend", context):
+            rec, _ = await self._recommend(request, context)
+            return self._response(rec, 0, len(rec.items))
+
+    async def RecommendStream(self, request: pb.RecommendRequest, context: grpc.aio.ServicerContext
+                              ) -> AsyncIterator[pb.RecommendResponse]:
+        async with self._track("RecommendStream", context):
+            rec, query = await self._recommend(request, context)
+            # The first chunk leaves as soon as the batch is computed; the rest follow it.
+            for start in range(0, max(len(rec.items), 1), query.chunk_size):
+                yield self._response(rec, start, start + query.chunk_size)
+
+    # --- shared steps -------------------------------------------------------------------------
+    async def _recommend(self, request: pb.RecommendRequest, context: grpc.aio.ServicerContext
+                         ) -> tuple[Recommendation, Query]:
+        if self.batcher is None or self.catalogue is None or self.limits is None:
+            raise Rejected(grpc.StatusCode.UNAVAILABLE, "the model is still loading")
+        remaining = context.time_remaining()
+        try:
+            self.batcher.admit(remaining)  # shed load before spending time on validation
+            query = parse_request(request, self.catalogue, self.limits)
+            return await self.batcher.submit(query, remaining), query
+        except InvalidRequest as e:
+            raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+        except QueueFull:
+            raise Rejected(grpc.StatusCode.RESOURCE_EXHAUSTED, OVERLOADED) from None
+        except DeadlineExpired as e:
+            raise Rejected(grpc.StatusCode.DEADLINE_EXCEEDED, str(e)) from None
+
+    def _response(self, rec: Recommendation, start: int, end: int) -> pb.RecommendResponse:
+        assert self.catalogue is not None
+        raw, titles = self.catalogue.raw_ids, self.catalogue.titles
+        items = [
+            pb.ScoredItem(item_id=raw[i], score=s, title=titles[i])
+            for i, s in zip(rec.items[start:end].tolist(), rec.scores[start:end].tolist(), strict=True)
+        ]
+        return pb.RecommendResponse(items=items, model_version=self.version, offset=start,
+                                    history_length=rec.history_length)
+
+    @contextlib.asynccontextmanager
+    async def _track(self, method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        """Per-RPC bookkeeping: the in-flight count (graceful shutdown waits for it), status and
+        latency metrics, and ``Rejected`` turned into the RPC's status."""
+        code = grpc.StatusCode.OK
+        start = time.perf_counter()
+        self.in_flight += 1
+        self.idle.clear()
+        try:
+            yield
+        except Rejected as e:
+            code = e.code
+            await context.abort(e.code, e.message)  # raises; the status goes to the client
+        except (asyncio.CancelledError, GeneratorExit):
+            # gRPC cancels the handler when the client goes away or its deadline passes.
+            remaining = context.time_remaining()
+            expired = remaining is not None and remaining <= 0
+            code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+            raise
+        except Exception:
+            log.exception("%s failed", method)
+            code = grpc.StatusCode.INTERNAL
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
+        finally:
+            self.metrics.requests.labels(method=method, code=code.name).inc()
+            self.metrics.request_latency.labels(method=method).observe(time.perf_counter() - start)
+            self.in_flight -= 1
+            if self.in_flight == 0:
+                self.idle.set()
+
+
+class RecommenderServer:
+    """Owns the gRPC server, the health servicer, the batcher and the model."""
+
+    def __init__(self, config: ServerConfig):
+        self.config = config
+        self.metrics = Metrics()
+        self.engine: Engine | None = None
+        self.port = 0
+        self.metrics_port: int | None = None
+        self.closed = asyncio.Event()
+        self._servicer = RecommenderServicer(self.metrics)
+        self._health = health.aio.HealthServicer()
+        self._server: grpc.aio.Server | None = None
+        self._shutting_down = False
+
+    async def start(self) -> int:
+        """Binds, answers health NOT_SERVING while the model loads and warms up, then SERVING.
+        Returns the bound port."""
+        cfg = self.config
+        torch.set_num_threads(cfg.torch_threads)
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        server = grpc.aio.server(options=cfg.grpc_options())
+        pb_grpc.add_RecommenderServiceServicer_to_server(self._servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+            server,
+        )
+        address = f"{cfg.host}:{cfg.port}"
+        if cfg.tls_cert and cfg.tls_key:
+            creds = grpc.ssl_server_credentials([(cfg.tls_key.read_bytes(), cfg.tls_cert.read_bytes())])
+            self.port = server.add_secure_port(address, creds)
+        elif cfg.tls_cert or cfg.tls_key:
+            raise ValueError("TLS needs both --tls-cert and --tls-key")
+        else:
+            self.port = server.add_insecure_port(address)
+        await server.start()
+        self._server = server
+        if cfg.metrics_port is not None:
+            self.metrics_port = self.metrics.start_http(cfg.metrics_port, cfg.host)
+        log.info("listening on %s:%d (%s), loading %s", cfg.host, self.port,
+                 "TLS" if cfg.tls_cert else "plaintext", cfg.artifact)
+
+        try:
+            await self._load()
+        except BaseException:
+            await self.shutdown(grace_s=0)  # close the port and the metrics endpoint before failing
+            raise
+        if not self._shutting_down:
+            await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+            log.info("SERVING model %s (%d items); metrics port %s", self._servicer.version,
+                     self.engine.num_items if self.engine else 0, self.metrics_port)
+        return self.port
+
+    async def _load(self) -> None:
+        """Loads and warms the model on a worker thread, so health checks are answered meanwhile."""
+        cfg = self.config
+
+        def load() -> tuple[Engine, Catalogue]:
+            artifact = load_artifact(cfg.artifact)
+            engine = Engine(artifact, cfg.device)
+            engine.warm_up(cfg.batcher.max_batch_size)
+            return engine, Catalogue.from_artifact(artifact)
+
+        self.engine, catalogue = await asyncio.to_thread(load)
+        batcher: DynamicBatcher[Query, Recommendation] = DynamicBatcher(self._compute, cfg.batcher, self.metrics)
+        await batcher.start()
+        s = self._servicer
+        s.catalogue, s.batcher, s.version = catalogue, batcher, self.engine.version
+        s.limits = RequestLimits(max_len=self.engine.max_len, max_request_bytes=cfg.max_request_bytes)
+
+    def _compute(self, queries: Sequence[Query]) -> list[Recommendation]:
+        # Looked up per call, so a test can wrap ``server.engine.compute``.
+        assert self.engine is not None
+        return self.engine.compute(queries)
+
+    async def shutdown(self, grace_s: float | None = None) -> None:
+        """NOT_SERVING, refuse new RPCs, let in-flight ones finish (at most ``grace_s``), stop."""
+        if self._shutting_down:
+            await self.closed.wait()
+            return
+        self._shutting_down = True
+        grace = self.config.grace_s if grace_s is None else grace_s
+        log.info("shutting down: NOT_SERVING, %d RPCs in flight, grace %.1fs", self._servicer.in_flight, grace)
+        await self._health.enter_graceful_shutdown()
+        if self._server is not None:
+            stopping = asyncio.create_task(self._server.stop(grace))
+            # Recommend RPCs end by themselves; health Watch streams never do, so once the former are
+            # done (or the grace is over) the rest are cancelled rather than waited for.
+            try:
+                if not self._servicer.idle.is_set():
+                    await asyncio.wait_for(self._servicer.idle.wait(), grace)
+            except TimeoutError:
+                log.warning("grace period over with %d RPCs in flight; cancelling them", self._servicer.in_flight)
+            await self._server.stop(None)
+            await stopping
+        if self._servicer.batcher is not None:
+            await self._servicer.batcher.close()
+        self.metrics.stop_http()
+        log.info("stopped")
+        self.closed.set()
+
+    async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
+        for name in ("", SERVICE_NAME):
+            await self._health.set(name, status)
+
+
+# --- command line --------------------------------------------------------------------------------
+def parse_args(argv: Sequence[str] | None = None) -> ServerConfig:
+    d = ServerConfig(artifact=Path("runs/latest/export"))
+    b = d.batcher
+    p = argparse.ArgumentParser(prog="python -m serving.server", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--artifact", type=Path, default=d.artifact, help="export directory")
+    p.add_argument("--host", default=d.host, help="address to bind (loopback by default)")
+    p.add_argument("--port", type=int, default=d.port, help="0 picks a free port")
+    p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port")
+    p.add_argument("--max-batch-size", type=int, default=b.max_batch_size)
+    p.add_argument("--max-queue-delay-ms", type=float, default=b.max_queue_delay_ms)
+    p.add_argument("--max-queue-size", type=int, default=b.max_queue_size)
+    p.add_argument("--grace-s", type=float, default=d.grace_s, help="shutdown grace period")
+    p.add_argument("--max-message-bytes", type=int, default=d.max_message_bytes)
+    p.add_argument("--max-request-bytes", type=int, default=d.max_request_bytes)
+    p.add_argument("--keepalive-time-s", type=float, default=d.keepalive_time_s)
+    p.add_argument("--keepalive-timeout-s", type=float, default=d.keepalive_timeout_s)
+    p.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate chain (with --tls-key)")
+    p.add_argument("--tls-key", type=Path, default=None, help="PEM private key (with --tls-cert)")
+    p.add_argument("--torch-threads", type=int, default=d.torch_threads)
+    p.add_argument("--device", default=d.device)
+    a = p.parse_args(argv)
+    return ServerConfig(
+        artifact=a.artifact, host=a.host, port=a.port, metrics_port=a.metrics_port,
+        batcher=BatcherConfig(a.max_batch_size, a.max_queue_delay_ms, a.max_queue_size),
+        grace_s=a.grace_s, max_message_bytes=a.max_message_bytes, max_request_bytes=a.max_request_bytes,
+        keepalive_time_s=a.keepalive_time_s, keepalive_timeout_s=a.keepalive_timeout_s,
+        tls_cert=a.tls_cert, tls_key=a.tls_key, torch_threads=a.torch_threads, device=a.device,
+    )
+
+
+async def serve(config: ServerConfig) -> None:
+    """Runs until SIGTERM/SIGINT, then shuts down gracefully."""
+    server = RecommenderServer(config)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda s=sig: (log.info("got %s", signal.Signals(s).name),
+                                                    loop.create_task(server.shutdown())))
+    await server.start()
+    await server.closed.wait()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    # force: an imported library may already have put a handler on the root logger.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    try:
+        asyncio.run(serve(parse_args(argv)))
+    except FileNotFoundError as e:  # no export yet: say so in one line rather than a traceback
+        log.error("%s", e)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

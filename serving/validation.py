@@ -1,0 +1,164 @@
+"""Turns a ``RecommendRequest`` into a ``Query`` of dense ids, or says which field is wrong.
+
+Runs on the event loop before anything is enqueued, so a bad request costs microseconds and never
+reaches (or stalls) a batch. Every error names the field the way the proto spells it, e.g.
+``history[3].timestamp``, and the server answers it with INVALID_ARGUMENT.
+
+Policy, chosen once here:
+- ids: an unknown raw item id anywhere (history, exclude, candidates) is an error, not a skip.
+- history: oldest first; a known user's stored history comes first and the request's events are
+  appended. Longer than the model's ``max_len``: the most recent ``max_len`` events are used, the
+  same truncation as training; beyond ``max_events`` the request is rejected as oversized.
+- timestamps: finite, >= 0 and below 2**53 seconds, non-decreasing (ties allowed).
+- retrieval never returns the padding row, the history's items (all of them, not only the
+  truncated window) or ``exclude_item_ids``. Ranking scores the candidates minus ``exclude_item_ids``.
+
+Example::
+
+    >>> q = parse_request(RecommendRequest(user_id="1", top_k=10), catalogue, RequestLimits(max_len=200))
+    >>> q.top_k, q.candidates is None
+    (10, True)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from protos.genrec.v1 import recommender_pb2 as pb
+from serving.catalogue import Catalogue
+
+MAX_TIMESTAMP = float(2**53)
+"""Doubles hold every whole second exactly below this; beyond it a timestamp is not a time."""
+
+
+class InvalidRequest(ValueError):
+    """A request the server refuses; ``field`` is the proto path of the offending field."""
+
+    def __init__(self, field: str, reason: str):
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """Bounds on one request. ``max_len`` comes from the model; the others stop oversized input."""
+
+    max_len: int
+    max_request_bytes: int = 1 << 20
+    max_events: int = 10_000
+    max_item_list: int = 10_000
+    default_chunk_size: int = 10
+
+
+@dataclass(frozen=True)
+class Query:
+    """A validated request in the model's terms (all arrays int64 dense ids / seconds).
+
+    Attributes:
+        items: [n] the history the model sees, oldest first, 1 <= n <= max_len.
+        timestamps: [n] seconds, aligned with ``items``.
+        top_k: items wanted (>= 1).
+        exclude: dense ids never to return (retrieval: history ∪ exclude_item_ids).
+        candidates: [c] unique dense ids to rank, or None for retrieval over the catalogue.
+        chunk_size: items per RecommendStream message.
+    """
+
+    items: np.ndarray
+    timestamps: np.ndarray
+    top_k: int
+    exclude: np.ndarray
+    candidates: np.ndarray | None
+    chunk_size: int
+
+
+def parse_request(request: pb.RecommendRequest, catalogue: Catalogue, limits: RequestLimits) -> Query:
+    """Validates ``request`` against the catalogue; raises ``InvalidRequest`` naming the field."""
+    size = request.ByteSize()
+    if size == 0:
+        raise InvalidRequest("request", "empty; give a user_id or a history, and a top_k")
+    if size > limits.max_request_bytes:
+        raise InvalidRequest("request", f"{size} bytes exceeds the limit of {limits.max_request_bytes}")
+    top_k = _check_top_k(request.top_k, catalogue.num_items)
+    if request.chunk_size < 0:
+        raise InvalidRequest("chunk_size", f"must be >= 0, got {request.chunk_size}")
+
+    items, stamps = _history(request, catalogue, limits)
+    exclude = _item_list(request.exclude_item_ids, "exclude_item_ids", catalogue, limits)
+    if len(request.candidate_item_ids) > 0:
+        candidates = _item_list(request.candidate_item_ids, "candidate_item_ids", catalogue, limits)
+        # Unique, in the caller's order (np.unique would sort), minus the excluded ones.
+        candidates = candidates[np.sort(np.unique(candidates, return_index=True)[1])]
+        candidates = candidates[~np.isin(candidates, exclude)]
+    else:
+        candidates = None
+        exclude = np.union1d(items, exclude)
+    return Query(
+        items=items[-limits.max_len :],
+        timestamps=stamps[-limits.max_len :],
+        top_k=top_k,
+        exclude=exclude,
+        candidates=candidates,
+        chunk_size=request.chunk_size or limits.default_chunk_size,
+    )
+
+
+def _check_top_k(top_k: int, num_items: int) -> int:
+    if top_k <= 0:
+        raise InvalidRequest("top_k", f"must be >= 1, got {top_k}")
+    if top_k > num_items:
+        raise InvalidRequest("top_k", f"{top_k} exceeds the catalogue size {num_items}")
+    return top_k
+
+
+def _history(request: pb.RecommendRequest, catalogue: Catalogue, limits: RequestLimits
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """The full history (stored + request events) as dense ids and int64 seconds."""
+    events = request.history
+    if len(events) > limits.max_events:
+        raise InvalidRequest("history", f"{len(events)} events exceed the limit of {limits.max_events}")
+    stored = catalogue.user_history(request.user_id) if request.user_id else None
+    if len(events) == 0:
+        if stored is not None:
+            return stored.items, stored.timestamps
+        if request.user_id:
+            raise InvalidRequest("user_id", f"unknown user {request.user_id!r} and no history given")
+        raise InvalidRequest("history", "empty, and no user_id given")
+
+    raw = [e.item_id for e in events]
+    items = catalogue.dense_ids(raw)
+    if not items.all():
+        i = int(np.argmin(items))
+        what = "is empty" if not raw[i] else f"unknown item {raw[i]!r}"
+        raise InvalidRequest(f"history[{i}].item_id", what)
+
+    seconds = np.fromiter((e.timestamp for e in events), dtype=np.float64, count=len(events))
+    bad = ~np.isfinite(seconds) | (seconds < 0) | (seconds >= MAX_TIMESTAMP)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise InvalidRequest(f"history[{i}].timestamp",
+                             f"{seconds[i]} is not a time (finite seconds in [0, 2**53) expected)")
+    backwards = np.diff(seconds) < 0
+    if backwards.any():
+        i = int(np.argmax(backwards)) + 1
+        raise InvalidRequest(f"history[{i}].timestamp", f"{seconds[i]:.0f} is earlier than history[{i - 1}]'s "
+                             f"{seconds[i - 1]:.0f}; events must be oldest first")
+    stamps = np.floor(seconds).astype(np.int64)
+
+    if stored is None or len(stored) == 0:
+        return items, stamps
+    if stamps[0] < stored.timestamps[-1]:
+        raise InvalidRequest("history[0].timestamp", f"{stamps[0]} is earlier than user {request.user_id!r}'s "
+                             f"last known event ({stored.timestamps[-1]}); send only newer events")
+    return np.concatenate([stored.items, items]), np.concatenate([stored.timestamps, stamps])
+
+
+def _item_list(raw: list[str], field: str, catalogue: Catalogue, limits: RequestLimits) -> np.ndarray:
+    if len(raw) > limits.max_item_list:
+        raise InvalidRequest(field, f"{len(raw)} ids exceed the limit of {limits.max_item_list}")
+    ids = catalogue.dense_ids(list(raw))
+    if not ids.all():
+        i = int(np.argmin(ids))
+        raise InvalidRequest(f"{field}[{i}]", "is empty" if not raw[i] else f"unknown item {raw[i]!r}")
+    return ids

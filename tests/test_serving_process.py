@@ -1,0 +1,104 @@
+"""The server as ``make serve`` runs it: a process on a free port, SIGTERM, the command-line client, TLS."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from protos.genrec.v1 import recommender_pb2 as pb
+from protos.genrec.v1 import recommender_pb2_grpc as pb_grpc
+from serving.client import main as client_main
+from serving.server import SERVICE_NAME, ServerConfig
+from serving.testing import ServerThread, make_random_artifact, raw_item_id
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    return make_random_artifact(tmp_path_factory.mktemp("art") / "export", num_items=30, num_users=3)[1]
+
+
+def start_process(artifact: Path) -> tuple[subprocess.Popen, int, list[str]]:
+    """Starts ``python -m serving.server`` on a free port; returns once its log says SERVING."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "serving.server", "--artifact", str(artifact), "--port", "0", "--grace-s", "5"],
+        cwd=ROOT, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    log: list[str] = []
+    port = 0
+    watchdog = threading.Timer(120, proc.kill)  # a server that never says SERVING fails the test, not hangs it
+    watchdog.start()
+    for line in proc.stderr:
+        log.append(line)
+        if match := re.search(r"listening on 127\.0\.0\.1:(\d+)", line):
+            port = int(match.group(1))
+        if "SERVING model" in line:
+            watchdog.cancel()
+            return proc, port, log
+    watchdog.cancel()
+    proc.kill()
+    raise AssertionError("server did not start:\n" + "".join(log))
+
+
+def test_serves_until_sigterm_then_goes_not_serving_and_exits_cleanly(artifact, capsys):
+    proc, port, log = start_process(artifact)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=SERVICE_NAME),
+                                                              timeout=30)
+            assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+
+            # The command-line client prints a known user's recommendations with titles.
+            assert client_main(["--address", f"127.0.0.1:{port}", "--user", "1", "--top-k", "4"]) == 0
+            out = capsys.readouterr().out
+            assert len(re.findall(r"^\s+\d+\s+10\d\d\s+-?\d\.\d{4}\s+Item \d+$", out, re.MULTILINE)) == 4
+            assert "model random-30x16-seed0" in out
+            assert client_main(["--address", f"127.0.0.1:{port}", "--user", "nobody"]) == 1
+            assert "INVALID_ARGUMENT: user_id" in capsys.readouterr().err
+
+            proc.send_signal(signal.SIGTERM)
+            assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    rest = proc.stderr.read()
+    assert "got SIGTERM" in rest and "stopped" in rest, "".join(log) + rest
+
+
+def test_refuses_a_port_in_use(artifact):
+    """A second server on a busy port fails loudly instead of sharing it (gRPC's SO_REUSEPORT is off)."""
+    with ServerThread(ServerConfig(artifact=artifact, port=0)) as first:
+        second = ServerThread(ServerConfig(artifact=artifact, port=first.port))
+        with pytest.raises(RuntimeError, match="Failed to bind"):
+            second.start()
+        second.loop.call_soon_threadsafe(second.loop.stop)
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make a certificate")
+def test_tls(artifact, tmp_path):
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    config = ServerConfig(artifact=artifact, port=0, tls_cert=cert, tls_key=key)
+    with ServerThread(config) as server:
+        creds = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
+        with grpc.secure_channel(server.address, creds) as channel:
+            response = pb_grpc.RecommenderServiceStub(channel).Recommend(
+                pb.RecommendRequest(history=[pb.Event(item_id=raw_item_id(3), timestamp=1)], top_k=2), timeout=10)
+            assert len(response.items) == 2
+        with grpc.insecure_channel(server.address) as channel, pytest.raises(grpc.RpcError) as info:
+            pb_grpc.RecommenderServiceStub(channel).Recommend(pb.RecommendRequest(user_id="1", top_k=2), timeout=5)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
