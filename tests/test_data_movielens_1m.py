@@ -79,3 +79,30 @@ def test_download_end_to_end(tmp_path: Path) -> None:
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert again.stdout.splitlines() == lines and "using the cache" in again.stderr
+
+
+@pytest.mark.network
+def test_leave_one_out_on_ml1m_targets_the_last_event(tmp_path: Path) -> None:
+    """Every ML-1M user's test target is their last event by (timestamp, file order), the validation
+    target the one before it."""
+    import numpy as np
+
+    from data.loader import BatchPlan, SplitDataset
+    from data.prepare import PreparedDataset
+    from data.splits import Split
+
+    interactions = movielens_1m.MovieLens1M(REPO / "datasets").load()
+    ds = PreparedDataset.from_interactions(interactions, "ml-1m")
+    frame = interactions.frame.assign(position=np.arange(len(interactions.frame)))
+    ordered = frame.sort_values(["user", "timestamp", "position"], kind="stable")
+    last_two = ordered.groupby("user")["item"].agg(lambda s: s.tolist()[-2:])
+    raw_item = ds.items.set_index("item_id")["raw_item"]
+    for split, which in ((Split.TEST, -1), (Split.VALID, 0)):
+        data = SplitDataset(ds.packed, split, max_len=200, num_items=ds.num_items)
+        batch = data[BatchPlan(0, np.arange(len(data)))]
+        users = ds.raw_users.to_numpy()[batch.user_ids.numpy()]
+        targets = raw_item[batch.targets().numpy()].to_numpy()
+        assert len(users) == 6040
+        assert dict(zip(users.tolist(), targets.tolist(), strict=True)) == {
+            u: items[which] for u, items in last_two.items()
+        }
