@@ -6,6 +6,10 @@
 #   bash benchmarks/device_train.sh quality    # full ML-1M runs: HSTU on GPU 0, SASRec on GPU 1 (or after it)
 #   bash benchmarks/device_train.sh large      # HSTU-large on GPU 0
 #   bash benchmarks/device_train.sh nccl       # 2 GPUs, NCCL: item table row-wise, rating table table-wise
+#   bash benchmarks/device_train.sh one-gpu    # within one 10-minute call: bench, then HSTU and SASRec
+#                                              # side by side on GPU 0, then `make eval` of the HSTU run
+#   bash benchmarks/device_train.sh sweep < runs.txt   # one run per line, "<name> <config> [overrides]",
+#                                              # all at once on GPU 0; `make eval` of the best by validation
 set -uo pipefail
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4
 OUT=${OUT:-./out}
@@ -35,6 +39,33 @@ case ${1:?bench, quality, large or nccl} in
       train 0 1 configs/ml-1m/sasrec.yaml sasrec-gpu "${@:2}"
     fi
     collect ;;
+  one-gpu)
+    timeout 120 python3 -m benchmarks.train --config configs/ml-1m/hstu.yaml --steps 50 \
+      2>&1 | grep -v -i warn | tee "$OUT/bench-train.txt" | tail -12
+    # Two small models share the card well; each is bounded so the evaluation and collection still run.
+    ( timeout 320 bash -c "$(declare -f train); OUT=$OUT train 0 1 configs/ml-1m/hstu.yaml hstu-gpu ${*:2}" ) &
+    ( timeout 320 bash -c "$(declare -f train); OUT=$OUT train 0 1 configs/ml-1m/sasrec.yaml sasrec-gpu ${*:2}" ) &
+    wait
+    timeout 60 python3 -m training.evaluate --run runs/hstu-gpu > "$OUT/eval-hstu-gpu.log" 2>&1
+    tail -5 "$OUT/eval-hstu-gpu.log"
+    collect ;;
+  sweep)
+    export OMP_NUM_THREADS=2
+    while read -r name config overrides; do
+      [ -z "$name" ] && continue
+      ( timeout "${SWEEP_TIMEOUT:-450}" bash -c "$(declare -f train); OUT=$OUT train 0 1 $config $name $overrides" ) &
+    done
+    wait
+    python3 -m benchmarks.runs_table runs > "$OUT/summary.txt"
+    cat "$OUT/summary.txt"
+    tar czf "$OUT/runs-metrics.tgz" runs/*/metrics.json runs/*/metrics.jsonl runs/*/config.yaml runs/*/plan.txt \
+      -C "$OUT" $(cd "$OUT" && ls *.log) 2>/dev/null && rm -f "$OUT"/*.log
+    best=$(python3 -m benchmarks.runs_table runs --best)
+    if [ -n "$best" ]; then
+      echo "best by validation NDCG@10: $best"
+      timeout 90 python3 -m training.evaluate --run "runs/$best" > "$OUT/eval-best.log" 2>&1; tail -6 "$OUT/eval-best.log"
+      tar czf "$OUT/best-run.tgz" --exclude=checkpoints --exclude=export --exclude=tensorboard "runs/$best"
+    fi ;;
   large)
     train 0 1 configs/ml-1m/hstu-large.yaml hstu-large-gpu "${@:2}"
     collect ;;

@@ -74,6 +74,7 @@ class ServerProcess:
     max_queue_delay_ms: float
     max_queue_size: int
     torch_threads: int
+    device: str = "cpu"
     port: int = 0
     metrics_port: int = 0
     log: list[str] = field(default_factory=list)
@@ -82,7 +83,7 @@ class ServerProcess:
         cmd = [sys.executable, "-m", "serving.server", "--artifact", str(self.artifact), "--port", "0",
                "--max-batch-size", str(self.max_batch_size), "--max-queue-delay-ms", str(self.max_queue_delay_ms),
                "--max-queue-size", str(self.max_queue_size), "--torch-threads", str(self.torch_threads),
-               "--metrics-port", "0"]
+               "--metrics-port", "0", "--device", self.device]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
         watchdog = threading.Timer(300, self.proc.kill)
@@ -206,7 +207,8 @@ async def open_loop(address: str, qps: float, duration: float, timeout: float, n
 
 # --- suites --------------------------------------------------------------------------------------
 def server_for(args: argparse.Namespace, artifact: Path, batch_size: int) -> ServerProcess:
-    return ServerProcess(artifact, batch_size, args.max_queue_delay_ms, args.max_queue_size, args.torch_threads)
+    return ServerProcess(artifact, batch_size, args.max_queue_delay_ms, args.max_queue_size, args.torch_threads,
+                         args.device)
 
 
 def saturation(args, server: ServerProcess, label: str) -> LoadResult:
@@ -290,7 +292,7 @@ def suite_engine(args, artifact: Path) -> None:
 
     torch.set_num_threads(args.torch_threads)
     art = load_artifact(artifact)
-    engine, catalogue = Engine(art), Catalogue.from_artifact(art)
+    engine, catalogue = Engine(art, args.device), Catalogue.from_artifact(art)
     limits = RequestLimits(max_len=engine.max_len)
     source = requests(args.num_users, args.top_k)
     print("\n| batch | ms / batch | ms / request | requests/s |\n|------:|-----------:|-------------:|-----------:|")
@@ -335,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-queue-delay-ms", type=float, default=2.0)
     p.add_argument("--max-queue-size", type=int, default=256)
     p.add_argument("--torch-threads", type=int, default=1)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the server runs the model")
     p.add_argument("--p99-bound-ms", type=float, default=100.0)
     p.add_argument("--bisect-from", type=float, default=0.5,
                    help="first open-loop rate tried, as a fraction of the closed-loop saturation (suite compare)")

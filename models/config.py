@@ -68,6 +68,9 @@ class ModelConfig:
         temperature: sampled-softmax temperature. GR ``train_fn.temperature = 0.05``.
         negatives: UNIFORM (GR ``sampling_strategy = "local"``, ``num_negatives = 128``: here the data
             loader's shared pool) or IN_BATCH.
+        negatives_per_position: N > 0: each position scores N negatives drawn from the pool (GR's
+            128 fresh negatives per position, with the loader's ``num_negatives`` as a larger pool);
+            0: every position scores the whole pool.
         l2_norm_eps: floor of the norm when L2-normalising user and item embeddings. GR
             ``train_fn.l2_norm_eps = 1e-6``.
         rating_embeddings: add a learned embedding of each history event's rating (its action) to the
@@ -91,6 +94,7 @@ class ModelConfig:
     time_bucket_scale: float = 0.301
     temperature: float = 0.05
     negatives: Negatives = Negatives.UNIFORM
+    negatives_per_position: int = 0
     l2_norm_eps: float = 1e-6
     rating_embeddings: bool = False
     activation_checkpointing: bool = False
@@ -105,6 +109,8 @@ class ModelConfig:
                      "ffn_hidden_dim", "num_time_buckets"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.negatives_per_position < 0:
+            raise ValueError(f"negatives_per_position must be >= 0, got {self.negatives_per_position}")
         for name in ("dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")

@@ -1,14 +1,16 @@
-"""Sampled softmax over a pool of negatives shared by every position of the batch.
+"""Sampled softmax over a pool of negatives drawn once per batch.
 
 For position i with user embedding u_i, label y_i and negatives n_1..n_P (all L2-normalised):
 
     loss_i = -log softmax([u_i.e(y_i), u_i.e(n_1), ..., u_i.e(n_P)] / temperature)[0]
 
 with a negative equal to the label (an "accidental hit") masked out, averaged over the positions that
-have a label (y_i != 0). Because the pool is shared, all negative logits are one [L, d] x [d, P]
-matmul. GR draws fresh negatives per position instead, an [L, P, d] gather (measured at ~4.3 s/step on
-our CPU); each position's negatives have the same distribution either way, so each position's expected
-loss is the same; only the correlation of the negatives across positions differs.
+have a label (y_i != 0). All negative logits are one [L, d] x [d, P] matmul. GR draws fresh negatives
+per position instead, an [L, N, d] gather (measured at ~4.3 s/step on our CPU). ``per_position=N``
+gets GR's objective from the matmul: each position keeps N columns of the pool drawn uniformly with
+replacement, so with a pool much larger than N the positions' negatives are nearly independent, as in
+GR. Every position scoring one shared pool of 128 has the same expected loss but correlated gradients,
+and measured on ML-1M it trains to a clearly worse model (docs/benchmarks.md).
 
 Example::
 
@@ -33,6 +35,7 @@ def sampled_softmax_loss(
     negative_ids: torch.Tensor,
     negative_embeddings: torch.Tensor,
     temperature: float,
+    per_position: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean sampled-softmax loss over the labelled positions.
 
@@ -43,13 +46,20 @@ def sampled_softmax_loss(
         negative_ids: [P] the shared pool.
         negative_embeddings: [P, d] L2-normalised embeddings of the pool.
         temperature: logits are cosine similarities divided by this.
+        per_position: N > 0: each position uses N columns of the pool drawn at random (with
+            replacement; the global torch generator, so a resumed run draws the same ones);
+            0: every position uses the whole pool.
 
     Returns:
         (loss, number of labelled positions); the loss is 0 when there are none.
     """
     positive = (users * label_embeddings).sum(-1, keepdim=True)  # [L, 1]
     negative = users @ negative_embeddings.T  # [L, P]
-    negative = negative.masked_fill(labels[:, None] == negative_ids[None, :], float("-inf"))
+    negative_ids = negative_ids[None, :]
+    if per_position > 0:
+        pick = torch.randint(negative.shape[1], (negative.shape[0], per_position), device=negative.device)
+        negative, negative_ids = negative.gather(1, pick), negative_ids[0][pick]  # [L, N]
+    negative = negative.masked_fill(labels[:, None] == negative_ids, float("-inf"))
     logits = torch.cat([positive, negative], dim=1) / temperature
     per_position = -F.log_softmax(logits, dim=1)[:, 0]
     weights = (labels != 0).to(per_position.dtype)

@@ -93,7 +93,8 @@ class GenerativeRecommender(nn.Module):
             negative_embeddings = l2_normalize(item_rows(embeddings[NEGATIVE_FEATURE].values(), d), eps)
 
         loss, num_labels = sampled_softmax_loss(
-            users, labels, label_embeddings, negative_ids, negative_embeddings, self.config.temperature
+            users, labels, label_embeddings, negative_ids, negative_embeddings, self.config.temperature,
+            per_position=self.config.negatives_per_position,
         )
         return loss, {"loss": loss.detach(), "num_labels": num_labels.detach()}
 

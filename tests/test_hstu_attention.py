@@ -219,6 +219,20 @@ def test_bias_without_table_gradients_and_dispatcher():
     assert _rel_err(dq, ref_dq) < 1e-4
 
 
+def test_inference_mode_inputs_as_the_server_passes_them():
+    """Serving runs under torch.inference_mode(), whose tensors have no version counter."""
+    c = _make_case(_seed("inference"), [7, 1, 40], 2, 16, 16, bias=True, targets=False)
+    with torch.inference_mode():
+        q, k, v, offsets = (c[n].detach().clone() for n in ("q", "k", "v", "offsets"))
+        ref = hstu_attention(q, k, v, offsets, c["max_seq_len"], c["alpha"], rab=c["rab"], impl="pytorch")
+        first = hstu_attention(q, k, v, offsets, c["max_seq_len"], c["alpha"], rab=c["rab"], impl="triton")
+        offsets[2] = offsets[1] + 20  # changed in place: nothing cached may survive it
+        again = hstu_attention(q, k, v, offsets, c["max_seq_len"], c["alpha"], rab=c["rab"], impl="triton")
+        ref_again = hstu_attention(q, k, v, offsets, c["max_seq_len"], c["alpha"], rab=c["rab"], impl="pytorch")
+    assert _rel_err(first, ref) < 1e-4
+    assert _rel_err(again, ref_again) < 1e-4
+
+
 @needs_interpreter
 def test_offsets_not_covering_all_rows_give_zeros():
     case = _make_case(_seed("uncovered"), [20, 11], 1, 16, 16, bias=False, targets=False)

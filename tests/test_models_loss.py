@@ -1,4 +1,4 @@
-"""Shared-pool sampled softmax: a hand computation, accidental hits, unlabelled positions, in-batch pool."""
+"""Sampled softmax: a hand computation, accidental hits, unlabelled positions, in-batch pool, per-position draws."""
 
 from __future__ import annotations
 
@@ -70,3 +70,31 @@ def test_in_batch_pool_is_distinct_nonzero_labels_with_their_embeddings() -> Non
     ids, pool = in_batch_negatives(labels, embeddings)
     assert ids.tolist() == [1, 2, 4]
     torch.testing.assert_close(pool, ITEMS[[1, 2, 4]])
+
+
+def test_per_position_negatives_are_columns_of_the_pool_drawn_for_each_position() -> None:
+    g = torch.Generator().manual_seed(1)
+    users = F.normalize(torch.randn(6, 4, generator=g), dim=-1)
+    table = F.normalize(torch.randn(9, 4, generator=g), dim=-1)
+    labels = torch.randint(1, 9, (6,), generator=g)
+    labels[4] = 0
+    pool = torch.randint(1, 9, (20,), generator=g)
+    t, n = 0.1, 3
+
+    torch.manual_seed(123)
+    loss, count = sampled_softmax_loss(users, labels, table[labels], pool, table[pool], t, per_position=n)
+    torch.manual_seed(123)
+    pick = torch.randint(pool.numel(), (6, n))  # the draw the loss made: one row of columns per position
+
+    terms = []
+    for i, y in enumerate(labels.tolist()):
+        if y == 0:
+            continue
+        negatives = [j for j in pool[pick[i]].tolist() if j != y]  # accidental hits masked
+        logits = torch.stack([users[i] @ table[y]] + [users[i] @ table[j] for j in negatives]) / t
+        terms.append(-F.log_softmax(logits, dim=0)[0])
+    assert count.item() == 5
+    assert torch.allclose(loss, torch.stack(terms).mean(), rtol=1e-5)
+    # A different draw gives a different loss: the positions really do get their own negatives.
+    other, _ = sampled_softmax_loss(users, labels, table[labels], pool, table[pool], t, per_position=n)
+    assert not torch.allclose(loss, other)

@@ -363,7 +363,7 @@ def summary_table(report: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+                        stream=sys.stderr, force=True)
     run_dir = Path(args.run)
     if not (run_dir / "config.yaml").is_file():
         raise SystemExit(f"{run_dir} is not a run directory (no config.yaml)")

@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.resume:
         cfg.run.resume = True
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+                        stream=sys.stderr, force=True)
     ctx = init_process_group(cfg.run.device)
     if not ctx.is_main:
         logging.getLogger().setLevel(logging.WARNING)

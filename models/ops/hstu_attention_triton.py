@@ -733,6 +733,8 @@ _HOST_CACHE: dict[str, tuple] = {}
 
 
 def _cached(name: str, key_tensors: tuple, extra, compute):
+    if any(t.is_inference() for t in key_tensors):
+        return compute()  # no version counter under inference_mode: an in-place change would go unseen
     entry = _HOST_CACHE.get(name)
     stamp = tuple((t.data_ptr(), t._version, t.shape) for t in key_tensors) + (extra,)
     if entry is not None and all(r() is t for r, t in zip(entry[0], key_tensors, strict=True)) and entry[1] == stamp:
