@@ -46,6 +46,7 @@ class Catalogue:
         self.titles: list[str] = ["", *("" if pd.isna(t) else str(t) for t in titles)]
         self._dense = {raw: i for i, raw in enumerate(self.raw_ids) if i > 0}
         self._users, self._history_items, self._history_ts, self._offsets = self._index_users(users)
+        self._appended: dict[str, History] = {}  # AppendEvents, per raw user id
 
     @classmethod
     def from_artifact(cls, artifact: Artifact) -> Catalogue:
@@ -65,12 +66,27 @@ class Catalogue:
         return np.fromiter((get(x, 0) for x in raw_items), dtype=np.int64, count=len(raw_items))
 
     def user_history(self, raw_user: str) -> History | None:
-        """The stored history of a known user, None for an unknown one."""
+        """The history of a known user (the export's, then appended events), None for an unknown one."""
         row = self._users.get(raw_user)
+        appended = self._appended.get(raw_user)
         if row is None:
-            return None
+            return appended
         start, end = self._offsets[row], self._offsets[row + 1]
-        return History(self._history_items[start:end], self._history_ts[start:end])
+        stored = History(self._history_items[start:end], self._history_ts[start:end])
+        if appended is None:
+            return stored
+        return History(np.concatenate([stored.items, appended.items]),
+                       np.concatenate([stored.timestamps, appended.timestamps]))
+
+    def append_events(self, raw_user: str, items: np.ndarray, timestamps: np.ndarray) -> int:
+        """Adds validated events (dense ids, seconds; oldest first, not older than the user's last) to a
+        user's history; returns its new length. Held in memory: a restart forgets them."""
+        old = self._appended.get(raw_user)
+        if old is not None:
+            items, timestamps = np.concatenate([old.items, items]), np.concatenate([old.timestamps, timestamps])
+        self._appended[raw_user] = History(items.astype(np.int64), timestamps.astype(np.int64))
+        history = self.user_history(raw_user)
+        return 0 if history is None else len(history)
 
     def _index_users(self, users: pd.DataFrame) -> tuple[dict[str, int], np.ndarray, np.ndarray, np.ndarray]:
         """Flattens the list columns once and maps raw item ids to dense ones vectorised."""

@@ -23,10 +23,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from models.config import ModelConfig
+from models.config import EncoderType, ModelConfig
 from models.embeddings import l2_normalize
+from models.incremental import PrefixState, extend
 from models.recommender import build_encoder, encode_histories, score_items
 from serving.artifact import Artifact
+from serving.kv_cache import KVCache
 from serving.validation import Query
 
 log = logging.getLogger(__name__)
@@ -41,10 +43,69 @@ class Recommendation:
     history_length: int
 
 
-class Engine:
-    """Holds the encoder and the item vectors; ``compute`` is called from one thread at a time."""
+# --- work items of the KV-cache path (one model step may mix them with plain Querys) --------------
+@dataclass(frozen=True)
+class Prefill:
+    """Bring the user's cached state up to (items, timestamps), computing at most ``budget`` new tokens.
 
-    def __init__(self, artifact: Artifact, device: str | torch.device = "cpu"):
+    ``key`` None: nothing is cached (an anonymous history); ``state`` then carries the progress.
+    """
+
+    key: str | None
+    items: np.ndarray
+    timestamps: np.ndarray
+    budget: int
+    state: PrefixState | None = None
+
+
+@dataclass(frozen=True)
+class Prefilled:
+    state: PrefixState
+    remaining: int  # tokens of the history still to compute (submit another Prefill)
+    computed: int  # tokens computed by this step
+
+
+@dataclass(frozen=True)
+class Score:
+    """Retrieve or rank for ``query`` from the user embedding at the end of ``state``."""
+
+    state: PrefixState
+    query: Query
+
+
+@dataclass(frozen=True)
+class Decode:
+    """One generation step: choose the next item after ``state`` and append it.
+
+    ``temperature`` 0 is greedy; above 0 samples from softmax(scores / temperature) with ``generator``.
+    The chosen item gets ``timestamp`` (the request's last event time: a time gap of 0).
+    """
+
+    state: PrefixState
+    banned: np.ndarray
+    temperature: float
+    timestamp: int
+    generator: torch.Generator | None = None
+
+
+@dataclass(frozen=True)
+class Decoded:
+    item: int
+    score: float
+    state: PrefixState
+
+
+Work = Query | Prefill | Score | Decode
+
+
+class Engine:
+    """Holds the encoder and the item vectors; ``compute`` is called from one thread at a time.
+
+    ``kv_cache_bytes`` > 0 keeps per-user keys/values (HSTU only) for ``Prefill`` work items.
+    """
+
+    def __init__(self, artifact: Artifact, device: str | torch.device = "cpu", kv_cache_bytes: int = 0,
+                 metrics=None):
         self.device = torch.device(device)
         self.config = ModelConfig(**artifact.model_config)
         if getattr(self.config, "rating_embeddings", False):
@@ -56,6 +117,8 @@ class Engine:
         self.encoder.load_state_dict(artifact.encoder_state)
         self.encoder.eval()  # no dropout; serving must be deterministic
         self.item_table = artifact.item_embeddings.to(self.device)
+        self.incremental = self.config.encoder is EncoderType.HSTU
+        self.cache = KVCache(kv_cache_bytes, metrics) if kv_cache_bytes > 0 and self.incremental else None
         # Normalised once here rather than per batch: it is the right operand of every score.
         self.item_vectors = l2_normalize(self.item_table, self.config.l2_norm_eps)
 
@@ -64,15 +127,35 @@ class Engine:
         return self.config.max_seq_len
 
     @torch.inference_mode()
-    def compute(self, queries: Sequence[Query]) -> list[Recommendation]:
-        """Scores a batch of queries with one encoder call and one matrix product."""
+    def compute(self, work: Sequence[Work]) -> list:
+        """One model step over a mix of work items; results in the same order.
+
+        Querys: one encoder call over their full histories and one matrix product. Prefills: each
+        extends its user's prefix state by up to its budget. Scores and Decodes: one matrix product
+        for all of them.
+        """
+        results: list = [None] * len(work)
+        kinds: dict[type, list[int]] = {}
+        for i, item in enumerate(work):
+            kinds.setdefault(type(item), []).append(i)
+        handlers = {Query: self._queries, Prefill: self._prefills, Score: self._scores, Decode: self._decodes}
+        for kind, index in kinds.items():
+            if kind not in handlers:
+                raise TypeError(f"unknown work item {kind.__name__}")
+            for i, result in zip(index, handlers[kind]([work[i] for i in index]), strict=True):
+                results[i] = result
+        return results
+
+    def _queries(self, queries: Sequence[Query]) -> list[Recommendation]:
         lengths = [len(q.items) for q in queries]
         offsets = torch.tensor(np.cumsum([0, *lengths]), dtype=torch.int64, device=self.device)
         ids = torch.from_numpy(np.concatenate([q.items for q in queries])).to(self.device)
         stamps = torch.from_numpy(np.concatenate([q.timestamps for q in queries])).to(self.device)
         users = encode_histories(self.encoder, self.item_table, ids, stamps, offsets)
-        scores = score_items(users, self.item_vectors)  # [B, num_items + 1], padding column -inf
+        return self._top_k(users, queries, lengths)
 
+    def _top_k(self, users: torch.Tensor, queries: Sequence[Query], lengths: Sequence[int]) -> list[Recommendation]:
+        scores = score_items(users, self.item_vectors)  # [B, num_items + 1], padding column -inf
         out = []
         for b, q in enumerate(queries):
             row = scores[b]
@@ -87,6 +170,59 @@ class Engine:
                 items, values = candidates[top.indices], top.values
             out.append(Recommendation(items.cpu().numpy(), values.float().cpu().numpy(), lengths[b]))
         return out
+
+    # --- the KV-cache path ----------------------------------------------------------------------
+    def _prefills(self, prefills: Sequence[Prefill]) -> list[Prefilled]:
+        return [self._prefill(p) for p in prefills]
+
+    def _prefill(self, p: Prefill) -> Prefilled:
+        if not self.incremental:
+            raise NotImplementedError("prefix states need an HSTU model")
+        if p.budget < 1:
+            raise ValueError(f"a Prefill needs a budget >= 1, got {p.budget}")
+        state = p.state
+        if state is None and p.key is not None and self.cache is not None:
+            state = self.cache.lookup(p.key, p.items, p.timestamps)
+        n, start = len(p.items), 0 if state is None else state.length
+        take = min(p.budget, n - start)
+        if take > 0:
+            ids = torch.from_numpy(p.items[start : start + take]).to(self.device)
+            stamps = torch.from_numpy(p.timestamps[start : start + take]).to(self.device)
+            _, state = extend(self.encoder, self.item_table, ids, stamps, state)
+            if p.key is not None and self.cache is not None:
+                self.cache.put(p.key, state)
+        if state is None:
+            raise ValueError("a Prefill needs at least one event")
+        return Prefilled(state, n - start - take, max(take, 0))
+
+    def _scores(self, scores: Sequence[Score]) -> list[Recommendation]:
+        users = torch.stack([s.state.user for s in scores])
+        return self._top_k(users, [s.query for s in scores], [s.state.length for s in scores])
+
+    def _decodes(self, decodes: Sequence[Decode]) -> list[Decoded]:
+        scores = score_items(torch.stack([d.state.user for d in decodes]), self.item_vectors)
+        out = []
+        for b, d in enumerate(decodes):
+            row = scores[b]
+            if len(d.banned):
+                row[torch.from_numpy(d.banned).to(self.device)] = float("-inf")
+            if d.temperature > 0:
+                probs = torch.softmax(row.float().cpu() / d.temperature, dim=0)
+                item = int(torch.multinomial(probs, 1, generator=d.generator))
+            else:
+                item = int(torch.argmax(row))
+            out.append(Decoded(item, float(row[item]), self._append(d.state, item, d.timestamp)))
+        return out
+
+    def _append(self, state: PrefixState, item: int, timestamp: int) -> PrefixState:
+        """``state`` plus one token; a full window slides, which a prefix cannot follow: recompute it."""
+        ids = torch.tensor([item], dtype=torch.int64, device=self.device)
+        stamps = torch.tensor([timestamp], dtype=torch.int64, device=self.device)
+        if state.length < self.max_len:
+            return extend(self.encoder, self.item_table, ids, stamps, state)[1]
+        window_ids = torch.cat([state.items[1:], ids])
+        window_stamps = torch.cat([state.timestamps[1:], stamps])
+        return extend(self.encoder, self.item_table, window_ids, window_stamps, None)[1]
 
     def warm_up(self, max_batch_size: int) -> float:
         """Runs full-length batches of size 1 and ``max_batch_size`` once, so the first real requests

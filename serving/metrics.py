@@ -43,6 +43,10 @@ class Metrics:
         self.batch_size = Histogram("genrec_batch_size", "Requests per computed batch.",
                                     buckets=BATCH_BUCKETS, registry=r)
         self.queue_depth = Gauge("genrec_queue_depth", "Requests waiting for a batch.", registry=r)
+        self.kv_cache_events = Counter("genrec_kv_cache", "KV-cache lookups and evictions: hits, misses, evictions.",
+                                       ["event"], registry=r)
+        self.kv_cache_bytes = Gauge("genrec_kv_cache_bytes", "Bytes of keys and values held by the KV cache.",
+                                    registry=r)
 
     def start_http(self, port: int, host: str = "127.0.0.1") -> int:
         """Serves /metrics on ``host:port`` (0: any free port) from a daemon thread; returns the port."""

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import numpy as np
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -39,9 +40,16 @@ from protos.genrec.v1 import recommender_pb2_grpc as pb_grpc
 from serving.artifact import load_artifact
 from serving.batcher import BatcherConfig, DeadlineExpired, DynamicBatcher, QueueFull
 from serving.catalogue import Catalogue
-from serving.engine import Engine, Recommendation
+from serving.engine import Decode, Engine, Prefill, Recommendation, Score, Work
 from serving.metrics import Metrics
-from serving.validation import InvalidRequest, Query, RequestLimits, parse_request
+from serving.validation import (
+    InvalidRequest,
+    Query,
+    RequestLimits,
+    parse_append,
+    parse_generate,
+    parse_request,
+)
 
 log = logging.getLogger("serving")
 
@@ -72,6 +80,9 @@ class ServerConfig:
         max_unrequested_rpcs: RPCs gRPC core may hold before the event loop takes them.
         torch_threads: intra-op threads of the model (the event loop needs a core too).
         device: "cpu" or "cuda".
+        kv_cache_mb: per-user KV cache (HSTU) of this many MiB; 0 computes every history in full.
+        prefill_chunk_tokens: with the cache, a history is computed at most this many tokens per
+            model step, so a long one is prefilled over several steps beside short requests.
     """
 
     artifact: Path
@@ -90,6 +101,8 @@ class ServerConfig:
     max_unrequested_rpcs: int = 10_000
     torch_threads: int = 1
     device: str = "cpu"
+    kv_cache_mb: float = 0.0
+    prefill_chunk_tokens: int = 64
 
     def grpc_options(self) -> list[tuple[str, int]]:
         ms = lambda s: int(s * 1000)
@@ -127,9 +140,11 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
         self.metrics = metrics
         # Set once the model is loaded (``RecommenderServer._load``); until then RPCs get UNAVAILABLE.
         self.catalogue: Catalogue | None = None
-        self.batcher: DynamicBatcher[Query, Recommendation] | None = None
+        self.batcher: DynamicBatcher[Work, object] | None = None
         self.limits: RequestLimits | None = None
         self.version = ""
+        self.use_cache = False  # Recommend through Prefill + Score work items
+        self.prefill_chunk = 64
         self.in_flight = 0
         self.idle = asyncio.Event()
         self.idle.set()
@@ -148,22 +163,64 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
             for start in range(0, max(len(rec.items), 1), query.chunk_size):
                 yield self._response(rec, start, start + query.chunk_size)
 
+    async def AppendEvents(self, request: pb.AppendEventsRequest, context: grpc.aio.ServicerContext
+                           ) -> pb.AppendEventsResponse:
+        async with self._track("AppendEvents", context):
+            catalogue, limits = self._ready()
+            with _rejecting():
+                items, stamps = parse_append(request, catalogue, limits)
+            return pb.AppendEventsResponse(history_length=catalogue.append_events(request.user_id, items, stamps))
+
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+                       ) -> AsyncIterator[pb.GeneratedItem]:
+        async with self._track("Generate", context):
+            catalogue, limits = self._ready()
+            with _rejecting():
+                self.batcher.admit(context.time_remaining())
+                gen = parse_generate(request, catalogue, limits)
+            q = gen.query
+            state = await self._prefill(request.context.user_id or None, q, context)
+            banned, stamp = q.exclude, int(q.timestamps[-1])
+            generator = torch.Generator().manual_seed(gen.seed) if gen.temperature > 0 else None
+            for step in range(gen.num_items):
+                # One work item per step: other requests and generations share each model step.
+                chosen = await self._submit(Decode(state, banned, gen.temperature, stamp, generator), context)
+                banned, state = np.append(banned, chosen.item), chosen.state
+                item = pb.ScoredItem(item_id=catalogue.raw_ids[chosen.item], score=chosen.score,
+                                     title=catalogue.titles[chosen.item])
+                yield pb.GeneratedItem(item=item, step=step, model_version=self.version)
+
     # --- shared steps -------------------------------------------------------------------------
-    async def _recommend(self, request: pb.RecommendRequest, context: grpc.aio.ServicerContext
-                         ) -> tuple[Recommendation, Query]:
+    def _ready(self) -> tuple[Catalogue, RequestLimits]:
         if self.batcher is None or self.catalogue is None or self.limits is None:
             raise Rejected(grpc.StatusCode.UNAVAILABLE, "the model is still loading")
-        remaining = context.time_remaining()
-        try:
-            self.batcher.admit(remaining)  # shed load before spending time on validation
-            query = parse_request(request, self.catalogue, self.limits)
-            return await self.batcher.submit(query, remaining), query
-        except InvalidRequest as e:
-            raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
-        except QueueFull:
-            raise Rejected(grpc.StatusCode.RESOURCE_EXHAUSTED, OVERLOADED) from None
-        except DeadlineExpired as e:
-            raise Rejected(grpc.StatusCode.DEADLINE_EXCEEDED, str(e)) from None
+        return self.catalogue, self.limits
+
+    async def _recommend(self, request: pb.RecommendRequest, context: grpc.aio.ServicerContext
+                         ) -> tuple[Recommendation, Query]:
+        catalogue, limits = self._ready()
+        with _rejecting():
+            self.batcher.admit(context.time_remaining())  # shed load before spending time on validation
+            query = parse_request(request, catalogue, limits)
+        if not self.use_cache:
+            return await self._submit(query, context), query
+        state = await self._prefill(request.user_id or None, query, context)
+        return await self._submit(Score(state, query), context), query
+
+    async def _prefill(self, key: str | None, query: Query, context: grpc.aio.ServicerContext):
+        """The user's prefix state for ``query``'s history: cached keys/values plus the new events, in
+        chunks of ``prefill_chunk`` tokens, one model step each."""
+        state, remaining = None, 1
+        while remaining:
+            done = await self._submit(Prefill(key, query.items, query.timestamps, self.prefill_chunk, state),
+                                      context)
+            state, remaining = done.state, done.remaining
+        return state
+
+    async def _submit(self, work: Work, context: grpc.aio.ServicerContext):
+        assert self.batcher is not None
+        with _rejecting():
+            return await self.batcher.submit(work, context.time_remaining())
 
     def _response(self, rec: Recommendation, start: int, end: int) -> pb.RecommendResponse:
         assert self.catalogue is not None
@@ -204,6 +261,19 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
             self.in_flight -= 1
             if self.in_flight == 0:
                 self.idle.set()
+
+
+@contextlib.contextmanager
+def _rejecting():
+    """Turns validation and admission errors into the RPC's status."""
+    try:
+        yield
+    except InvalidRequest as e:
+        raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+    except QueueFull:
+        raise Rejected(grpc.StatusCode.RESOURCE_EXHAUSTED, OVERLOADED) from None
+    except DeadlineExpired as e:
+        raise Rejected(grpc.StatusCode.DEADLINE_EXCEEDED, str(e)) from None
 
 
 class RecommenderServer:
@@ -266,18 +336,20 @@ class RecommenderServer:
 
         def load() -> tuple[Engine, Catalogue]:
             artifact = load_artifact(cfg.artifact)
-            engine = Engine(artifact, cfg.device)
+            engine = Engine(artifact, cfg.device, kv_cache_bytes=int(cfg.kv_cache_mb * (1 << 20)),
+                            metrics=self.metrics)
             engine.warm_up(cfg.batcher.max_batch_size)
             return engine, Catalogue.from_artifact(artifact)
 
         self.engine, catalogue = await asyncio.to_thread(load)
-        batcher: DynamicBatcher[Query, Recommendation] = DynamicBatcher(self._compute, cfg.batcher, self.metrics)
+        batcher: DynamicBatcher[Work, object] = DynamicBatcher(self._compute, cfg.batcher, self.metrics)
         await batcher.start()
         s = self._servicer
         s.catalogue, s.batcher, s.version = catalogue, batcher, self.engine.version
+        s.use_cache, s.prefill_chunk = self.engine.cache is not None, cfg.prefill_chunk_tokens
         s.limits = RequestLimits(max_len=self.engine.max_len, max_request_bytes=cfg.max_request_bytes)
 
-    def _compute(self, queries: Sequence[Query]) -> list[Recommendation]:
+    def _compute(self, queries: Sequence[Work]) -> list:
         # Looked up per call, so a test can wrap ``server.engine.compute``.
         assert self.engine is not None
         return self.engine.compute(queries)
@@ -335,6 +407,8 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerConfig:
     p.add_argument("--tls-key", type=Path, default=None, help="PEM private key (with --tls-cert)")
     p.add_argument("--torch-threads", type=int, default=d.torch_threads)
     p.add_argument("--device", default=d.device)
+    p.add_argument("--kv-cache-mb", type=float, default=d.kv_cache_mb, help="per-user KV cache; 0 disables it")
+    p.add_argument("--prefill-chunk-tokens", type=int, default=d.prefill_chunk_tokens)
     a = p.parse_args(argv)
     return ServerConfig(
         artifact=a.artifact, host=a.host, port=a.port, metrics_port=a.metrics_port,
@@ -342,6 +416,7 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerConfig:
         grace_s=a.grace_s, max_message_bytes=a.max_message_bytes, max_request_bytes=a.max_request_bytes,
         keepalive_time_s=a.keepalive_time_s, keepalive_timeout_s=a.keepalive_timeout_s,
         tls_cert=a.tls_cert, tls_key=a.tls_key, torch_threads=a.torch_threads, device=a.device,
+        kv_cache_mb=a.kv_cache_mb, prefill_chunk_tokens=a.prefill_chunk_tokens,
     )
 
 

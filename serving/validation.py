@@ -162,3 +162,56 @@ def _item_list(raw: list[str], field: str, catalogue: Catalogue, limits: Request
         i = int(np.argmin(ids))
         raise InvalidRequest(f"{field}[{i}]", "is empty" if not raw[i] else f"unknown item {raw[i]!r}")
     return ids
+
+
+def parse_append(request: pb.AppendEventsRequest, catalogue: Catalogue, limits: RequestLimits
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """The new events of an AppendEvents request as (dense ids, seconds), validated as a history is:
+    known items, finite non-decreasing timestamps, none older than the user's last known event."""
+    if not request.user_id:
+        raise InvalidRequest("user_id", "required: events belong to a user")
+    if len(request.events) == 0:
+        raise InvalidRequest("events", "empty; send at least one event")
+    stored = catalogue.user_history(request.user_id)
+    as_history = pb.RecommendRequest(user_id=request.user_id, history=request.events)
+    try:
+        items, stamps = _history(as_history, catalogue, limits)
+    except InvalidRequest as e:
+        field = "events" + e.field.removeprefix("history")
+        raise InvalidRequest(field, str(e).split(": ", 1)[1]) from None
+    old = 0 if stored is None else len(stored)
+    return items[old:], stamps[old:]
+
+
+@dataclass(frozen=True)
+class Generation:
+    """A validated GenerateRequest: the user's query (its ``exclude`` holds history and exclusions)."""
+
+    query: Query
+    num_items: int
+    temperature: float
+    seed: int
+
+
+MAX_TEMPERATURE = 100.0
+
+
+def parse_generate(request: pb.GenerateRequest, catalogue: Catalogue, limits: RequestLimits) -> Generation:
+    """Validates a GenerateRequest; errors in its context are named ``context.<field>``."""
+    context = pb.RecommendRequest()
+    context.CopyFrom(request.context)
+    if len(context.candidate_item_ids) > 0:
+        raise InvalidRequest("context.candidate_item_ids", "not used by Generate; leave it empty")
+    context.top_k = 1  # Generate's length is num_items; top_k is not used
+    try:
+        query = parse_request(context, catalogue, limits)
+    except InvalidRequest as e:
+        raise InvalidRequest(f"context.{e.field}", str(e).split(": ", 1)[1]) from None
+    available = catalogue.num_items - len(query.exclude)
+    if not 1 <= request.num_items <= available:
+        raise InvalidRequest("num_items", f"must be in [1, {available}] (the catalogue minus history and "
+                             f"exclusions), got {request.num_items}")
+    t = request.temperature
+    if not (np.isfinite(t) and 0 <= t <= MAX_TEMPERATURE):
+        raise InvalidRequest("temperature", f"must be finite and in [0, {MAX_TEMPERATURE:g}] (0: greedy), got {t}")
+    return Generation(query, request.num_items, float(t), int(request.seed))

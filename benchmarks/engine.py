@@ -1,0 +1,135 @@
+"""`make bench-engine`: the inference engine's KV cache and streaming generation, side by side.
+
+    python -m benchmarks.engine [--artifact runs/latest/export] [--device cpu|cuda] [--history 200]
+
+Engine-level (no gRPC), one model thread, the same work items the server submits:
+  recompute     one request whose history (``--history`` events) is computed in full (``Query``)
+  kv-cache      the same user after one new event: the cached prefix + 1 token (``Prefill`` + ``Score``)
+  prefill       the cache-path prefill of the whole history from nothing (what a cache miss costs)
+  generate      greedy ``Decode`` steps for ``--generate`` items: time to the first item and to all,
+                beside the same generation recomputing the growing sequence at every step
+
+Prints a table of medians and the command that reproduces it. With no ``--artifact`` it uses an
+ML-1M-sized random export (3706 items, d=50, 2 blocks), as ``make bench-serve`` does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks.serve import realistic_artifact
+from serving.artifact import load_artifact
+from serving.engine import Decode, Engine, Prefill, Score
+from serving.validation import Query
+
+
+def timed(fn, reps: int, device: torch.device) -> float:
+    """Median milliseconds of ``fn()`` over ``reps`` runs after one warm-up."""
+    fn()
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--artifact", type=Path, default=None)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--history", type=int, default=200)
+    ap.add_argument("--generate", type=int, default=50)
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--torch-threads", type=int, default=1)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.torch_threads)
+    device = torch.device(args.device)
+    artifact = load_artifact(args.artifact or realistic_artifact(args.history))
+    engine = Engine(artifact, device, kv_cache_bytes=256 << 20)
+    n = min(args.history, engine.max_len)
+    rng = np.random.default_rng(0)
+    items = rng.integers(1, engine.num_items + 1, n).astype(np.int64)
+    stamps = np.cumsum(rng.integers(0, 3600, n)).astype(np.int64)
+    query = Query(items, stamps, top_k=10, exclude=np.unique(items), candidates=None, chunk_size=10)
+    prefix = Query(items[:-1], stamps[:-1], 10, np.unique(items[:-1]), None, 10)
+
+    def recompute():
+        engine.compute([query])
+
+    def incremental():  # a user whose n-1 events are cached sends one more
+        engine.cache.put("u", base)
+        (step,) = engine.compute([Prefill("u", items, stamps, n)])
+        assert step.computed == 1
+        engine.compute([Score(step.state, query)])
+
+    def prefill_all():
+        (step,) = engine.compute([Prefill(None, items, stamps, n)])
+        engine.compute([Score(step.state, query)])
+
+    (base_step,) = engine.compute([Prefill(None, prefix.items, prefix.timestamps, n)])
+    base = base_step.state
+    rows = [("recompute (full history)", timed(recompute, args.reps, device)),
+            ("kv-cache (cached prefix + 1 event)", timed(incremental, args.reps, device)),
+            ("prefill from nothing (cache path)", timed(prefill_all, args.reps, device))]
+
+    # Generation starts from a shorter history, so the generated items fit in the window and each step
+    # appends to the cache instead of sliding (which recomputes).
+    g = max(1, min(n, engine.max_len - args.generate))
+    g_items, g_stamps = items[:g], stamps[:g]
+    (full,) = engine.compute([Prefill(None, g_items, g_stamps, g)])
+    first, total = [], []
+    for _ in range(max(3, args.reps // 4)):
+        state, banned = full.state, np.unique(g_items)
+        t0 = time.perf_counter()
+        for step in range(args.generate):
+            (out,) = engine.compute([Decode(state, banned, 0.0, int(g_stamps[-1]))])
+            state, banned = out.state, np.append(banned, out.item)
+            if step == 0:
+                first.append((time.perf_counter() - t0) * 1000)
+        total.append((time.perf_counter() - t0) * 1000)
+
+    def generate_without_cache():  # the growing sequence computed in full at every step
+        seq, ts, banned = list(g_items), list(g_stamps), np.unique(g_items)
+        for _ in range(args.generate):
+            q = Query(np.array(seq[-engine.max_len:]), np.array(ts[-engine.max_len:]), 1, banned, None, 1)
+            (rec,) = engine.compute([q])
+            item = int(rec.items[0])
+            seq.append(item)
+            ts.append(ts[-1])
+            banned = np.append(banned, item)
+
+    no_cache = timed(generate_without_cache, max(2, args.reps // 10), device)
+
+    card = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({platform.processor() or 'x86_64'})"
+    print(f"\nbench-engine  {datetime.date.today()}  {card}  torch {torch.__version__}  "
+          f"history {n}, {engine.num_items} items, {len(engine.encoder.blocks)} blocks, "
+          f"{args.torch_threads} thread(s)\n")
+    print("| request | median ms |\n|---|--:|")
+    for name, ms in rows:
+        print(f"| {name} | {ms:.2f} |")
+    print(f"\nkv-cache speed-up over recompute: {rows[0][1] / rows[1][1]:.1f}x")
+    print(f"\ngenerate {args.generate} items after a history of {g} (greedy, one request):\n")
+    print("| variant | first item ms | all items ms | ms / item |\n|---|--:|--:|--:|")
+    print(f"| kv-cache (Decode steps) | {statistics.median(first):.2f} | {statistics.median(total):.1f} | "
+          f"{statistics.median(total) / args.generate:.2f} |")
+    print(f"| no cache (recompute the growing sequence) | - | {no_cache:.1f} | {no_cache / args.generate:.2f} |")
+    print("reproduce: python -m benchmarks.engine " + " ".join(sys.argv[1:]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

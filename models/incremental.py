@@ -1,0 +1,132 @@
+"""HSTU over a cached prefix: each block's keys and values of the tokens already seen, so new tokens
+cost O(new x seen) instead of a recompute of the whole sequence.
+
+HSTU is causal and its position embedding counts from the oldest token, so the keys and values of a
+prefix never change when tokens are appended. ``extend`` runs only the new tokens through every
+block, attending to the cached keys/values plus their own (causal among themselves), and returns the
+new outputs and a new ``PrefixState`` (the old one is left as it was, so a hypothetical continuation,
+as in generation, never touches a user's cached state). It computes exactly what ``HSTU.forward``
+computes for those rows, up to floating-point order.
+
+The attention here is plain PyTorch over [new, seen + new] scores: the new tokens are few, so this is
+memory-bound and small; a full history still goes through the jagged op (and its Triton kernel) as
+the prefill of an empty state.
+
+Example::
+
+    >>> from models.config import ModelConfig
+    >>> hstu = HSTU(ModelConfig(embedding_dim=8, attention_dim=4, linear_dim=4, max_seq_len=16)).eval()
+    >>> table = torch.randn(10, 8)
+    >>> out, state = extend(hstu, table, torch.tensor([3, 5, 7]), torch.tensor([0, 60, 120]), None)
+    >>> out2, state = extend(hstu, table, torch.tensor([2]), torch.tensor([180]), state)
+    >>> full = hstu(table[[3, 5, 7, 2]], torch.tensor([0, 60, 120, 180]), torch.tensor([0, 4]))
+    >>> bool(torch.allclose(out2[-1], full[-1], atol=1e-5)), state.length
+    (True, 4)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from models.embeddings import l2_normalize
+from models.hstu import HSTU, LAYER_NORM_EPS, HSTUBlock
+from models.ops.relative_bias import time_gap_bucket
+
+
+@dataclass(frozen=True)
+class PrefixState:
+    """The cached part of one sequence (all tensors on the model's device).
+
+    Attributes:
+        items: [n] dense item ids, oldest first.
+        timestamps: [n] int64 seconds.
+        keys: per block, [n, H, dqk].
+        values: per block, [n, H, dv].
+        user: [d] L2-normalised output at the last token (the user embedding), or None when n == 0.
+    """
+
+    items: torch.Tensor
+    timestamps: torch.Tensor
+    keys: tuple[torch.Tensor, ...]
+    values: tuple[torch.Tensor, ...]
+    user: torch.Tensor | None
+
+    @property
+    def length(self) -> int:
+        return int(self.items.numel())
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [self.items, self.timestamps, *self.keys, *self.values]
+        if self.user is not None:
+            tensors.append(self.user)
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    @staticmethod
+    def empty(encoder: HSTU, device: torch.device | str = "cpu") -> PrefixState:
+        keys = tuple(torch.zeros(0, b.num_heads, b.attention_dim, device=device) for b in encoder.blocks)
+        values = tuple(torch.zeros(0, b.num_heads, b.linear_dim, device=device) for b in encoder.blocks)
+        long = torch.zeros(0, dtype=torch.int64, device=device)
+        return PrefixState(long, long, keys, values, None)
+
+
+def extend(
+    encoder: HSTU,
+    item_table: torch.Tensor,
+    items: torch.Tensor,
+    timestamps: torch.Tensor,
+    state: PrefixState | None,
+) -> tuple[torch.Tensor, PrefixState]:
+    """Appends ``items`` (dense ids [m], timestamps [m]) to ``state`` (None: an empty prefix).
+
+    Returns ([m, d] L2-normalised outputs of the new tokens, the extended state). Raises ValueError
+    when the sequence would exceed the model's ``max_seq_len``: positions count from the oldest token,
+    so a sliding window cannot reuse a prefix and the caller recomputes the window instead.
+    """
+    if encoder.training:
+        raise RuntimeError("extend() is for inference: call encoder.eval() first (dropout would differ)")
+    if state is None:
+        state = PrefixState.empty(encoder, item_table.device)
+    start, m = state.length, int(items.numel())
+    max_len = encoder.input.position_embeddings.shape[0]
+    if start + m > max_len:
+        raise ValueError(f"{start} cached + {m} new tokens exceed max_seq_len={max_len}")
+    if m == 0:
+        raise ValueError("extend() needs at least one new token")
+    all_timestamps = torch.cat([state.timestamps, timestamps.to(state.timestamps.device)])
+    positions = torch.arange(start, start + m, device=item_table.device)
+    x = item_table[items] * encoder.input.scale + encoder.input.position_embeddings[positions]
+    keys, values = [], []
+    for block, k_cache, v_cache in zip(encoder.blocks, state.keys, state.values, strict=True):
+        x, k_all, v_all = _block_extend(block, x, all_timestamps, start, k_cache, v_cache)
+        keys.append(k_all)
+        values.append(v_all)
+    out = l2_normalize(x, encoder.eps)
+    new_state = PrefixState(torch.cat([state.items, items]), all_timestamps, tuple(keys), tuple(values), out[-1])
+    return out, new_state
+
+
+def _block_extend(
+    block: HSTUBlock, x: torch.Tensor, timestamps: torch.Tensor, start: int, k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One block for the new rows x [m, d] at positions start..start+m-1, against the cache."""
+    m, h, dqk, dv = x.shape[0], block.num_heads, block.attention_dim, block.linear_dim
+    uvqk = F.silu(F.layer_norm(x, x.shape[-1:], eps=LAYER_NORM_EPS) @ block.uvqk)
+    u, v, q, k = uvqk.split([h * dv, h * dv, h * dqk, h * dqk], dim=-1)
+    k_all = torch.cat([k_cache, k.reshape(m, h, dqk)])
+    v_all = torch.cat([v_cache, v.reshape(m, h, dv)])
+    n = k_all.shape[0]
+    i = torch.arange(start, start + m, device=x.device)[:, None]
+    j = torch.arange(n, device=x.device)[None, :]
+    bias = block.pos_weights[j - i + block.max_seq_len - 1] + block.time_weights[
+        time_gap_bucket(timestamps[i] - timestamps[j], block.time_bucket_scale, block.time_weights.numel() - 1)
+    ]
+    scores = torch.einsum("mhd,nhd->hmn", q.reshape(m, h, dqk), k_all) + bias  # alpha = 1, as the block
+    weights = F.silu(scores) * (j <= i) / block.max_seq_len
+    av = torch.einsum("hmn,nhd->mhd", weights, v_all).reshape(m, h * dv)
+    gated = u * F.layer_norm(av, av.shape[-1:], eps=LAYER_NORM_EPS)
+    return x + F.linear(gated, block.out_weight, block.out_bias), k_all, v_all

@@ -1,0 +1,209 @@
+"""The KV-cache path of the engine: prefix states, chunked prefill, eviction, greedy generation.
+
+Every answer of the cached path is compared with a full recompute through the batched path that
+serving used before (``Query`` work items: the whole history through the jagged encoder).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from models.config import EncoderType, ModelConfig
+from models.hstu import HSTU
+from models.incremental import extend
+from models.recommender import encode_histories, score_items
+from serving.artifact import load_artifact
+from serving.engine import Decode, Engine, Prefill, Score
+from serving.kv_cache import KVCache
+from serving.testing import make_random_artifact
+from serving.validation import Query
+
+MAX_LEN = 24
+CONFIG = ModelConfig(embedding_dim=16, attention_dim=8, linear_dim=8, num_heads=2, num_blocks=2, max_seq_len=MAX_LEN)
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    _, path = make_random_artifact(tmp_path_factory.mktemp("kv") / "export", num_items=60, config=CONFIG)
+    art = load_artifact(path)
+    # Random-init weights are near zero and make every score alike; spread them so orders are meaningful.
+    g = torch.Generator().manual_seed(3)
+    for name, t in art.encoder_state.items():
+        if t.is_floating_point():
+            art.encoder_state[name] = torch.randn(t.shape, generator=g) * 0.3
+    return art
+
+
+def history(seed: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return rng.integers(1, 61, n).astype(np.int64), np.cumsum(rng.integers(0, 10_000, n)).astype(np.int64)
+
+
+def query(items: np.ndarray, stamps: np.ndarray, top_k: int = 10) -> Query:
+    return Query(items=items[-MAX_LEN:], timestamps=stamps[-MAX_LEN:], top_k=top_k, exclude=np.unique(items),
+                 candidates=None, chunk_size=10)
+
+
+def prefill(engine: Engine, key: str | None, q: Query, budget: int = 1000):
+    state, remaining = None, 1
+    while remaining:
+        (done,) = engine.compute([Prefill(key, q.items, q.timestamps, budget, state)])
+        state, remaining = done.state, done.remaining
+    return state
+
+
+def assert_same(a, b) -> None:
+    np.testing.assert_array_equal(a.items, b.items)
+    np.testing.assert_allclose(a.scores, b.scores, rtol=1e-5, atol=1e-6)
+
+
+def test_extend_in_pieces_equals_the_encoder_on_the_whole_sequence() -> None:
+    torch.manual_seed(0)
+    hstu = HSTU(CONFIG).eval()
+    for p in hstu.parameters():
+        p.data.normal_(0, 0.3)
+    table = torch.randn(61, 16)
+    items, stamps = (torch.from_numpy(x) for x in history(1, MAX_LEN))
+    full = hstu(table[items], stamps, torch.tensor([0, MAX_LEN]))
+    state, pieces = None, []
+    for a, b in [(0, 1), (1, 9), (9, 10), (10, MAX_LEN)]:  # single tokens and chunks, up to max_seq_len
+        out, state = extend(hstu, table, items[a:b], stamps[a:b], state)
+        pieces.append(out)
+    torch.testing.assert_close(torch.cat(pieces), full, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="exceed max_seq_len"):
+        extend(hstu, table, items[:1], stamps[:1], state)
+
+
+def test_cached_answers_after_appended_events_equal_a_full_recompute(artifact) -> None:
+    engine = Engine(artifact, kv_cache_bytes=1 << 20)
+    items, stamps = history(2, 20)
+    first = query(items[:12], stamps[:12])
+    state = prefill(engine, "u", first)
+    (cached,) = engine.compute([Score(state, first)])
+    (full,) = engine.compute([first])
+    assert_same(cached, full)
+    assert engine.cache.misses == 1 and engine.cache.hits == 0
+
+    # Three more events arrive (AppendEvents): only they are computed, the rest comes from the cache.
+    later = query(items[:15], stamps[:15])
+    (step,) = engine.compute([Prefill("u", later.items, later.timestamps, 1000)])
+    assert step.computed == 3 and step.remaining == 0 and engine.cache.hits == 1
+    (cached,) = engine.compute([Score(step.state, later)])
+    (full,) = engine.compute([later])
+    assert_same(cached, full)
+
+    # A history that is not an extension of the cached one (an edited past) is a miss, recomputed.
+    edited_items = later.items.copy()
+    edited_items[0] = edited_items[0] % 60 + 1
+    edited = query(edited_items, later.timestamps)
+    (step,) = engine.compute([Prefill("u", edited.items, edited.timestamps, 1000)])
+    assert step.computed == len(edited.items) and engine.cache.misses == 2
+    (cached,) = engine.compute([Score(step.state, edited)])
+    assert_same(cached, engine.compute([edited])[0])
+
+
+def test_window_that_slides_past_max_len_is_recomputed(artifact) -> None:
+    engine = Engine(artifact, kv_cache_bytes=1 << 20)
+    items, stamps = history(3, MAX_LEN + 5)
+    before = query(items[:MAX_LEN], stamps[:MAX_LEN])
+    prefill(engine, "u", before)
+    after = query(items, stamps)  # the window dropped its 5 oldest events: positions moved
+    (step,) = engine.compute([Prefill("u", after.items, after.timestamps, 1000)])
+    assert step.computed == MAX_LEN
+    assert_same(engine.compute([Score(step.state, after)])[0], engine.compute([after])[0])
+
+
+def test_eviction_under_a_tiny_budget_keeps_answers_correct(artifact) -> None:
+    engine = Engine(artifact, kv_cache_bytes=1 << 20)
+    one_state = prefill(engine, "probe", query(*history(4, 20))).nbytes
+    engine.cache = KVCache(budget_bytes=int(one_state * 1.5))  # room for about one user
+    users = {f"u{i}": history(10 + i, 20) for i in range(4)}
+    for _ in range(2):
+        for key, (items, stamps) in users.items():
+            q = query(items, stamps)
+            state = prefill(engine, key, q, budget=7)
+            assert_same(engine.compute([Score(state, q)])[0], engine.compute([q])[0])
+    assert engine.cache.evictions >= 6 and len(engine.cache) == 1
+    assert engine.cache.bytes <= engine.cache.budget_bytes
+
+
+def test_chunked_long_prefill_interleaved_with_short_requests(artifact) -> None:
+    engine = Engine(artifact, kv_cache_bytes=1 << 20)
+    long_q = query(*history(5, MAX_LEN))
+    shorts = [query(*history(20 + i, 3)) for i in range(6)]
+    alone = [engine.compute([q])[0] for q in shorts]
+
+    # Each step carries one chunk of 5 tokens of the long history beside a short request.
+    state, answers, remaining, i = None, [], 1, 0
+    while remaining:
+        done, short_state = engine.compute([Prefill("long", long_q.items, long_q.timestamps, 5, state),
+                                            Prefill(None, shorts[i].items, shorts[i].timestamps, 5)])
+        assert done.computed <= 5
+        state, remaining = done.state, done.remaining
+        answers.append(engine.compute([Score(short_state.state, shorts[i])])[0])
+        i += 1
+    assert i == 5  # 24 tokens in chunks of 5
+    for got, want in zip(answers, alone, strict=False):
+        assert_same(got, want)
+    assert_same(engine.compute([Score(state, long_q)])[0], engine.compute([long_q])[0])
+
+
+def reference_greedy(engine: Engine, items: np.ndarray, stamps: np.ndarray, n: int, banned: set[int]) -> list[int]:
+    """The model called on the growing sequence, no cache: the definition greedy Generate must match."""
+    out, items, stamps = [], list(items), list(stamps)
+    for _ in range(n):
+        window_items = torch.tensor(items[-MAX_LEN:])
+        window_stamps = torch.tensor(stamps[-MAX_LEN:])
+        with torch.inference_mode():
+            user = encode_histories(engine.encoder, engine.item_table, window_items, window_stamps,
+                                    torch.tensor([0, len(window_items)]))
+            scores = score_items(user, engine.item_vectors)[0]
+            scores[sorted(banned | set(out))] = float("-inf")
+        best = int(torch.argmax(scores))
+        out.append(best)
+        items.append(best)
+        stamps.append(stamps[-1])
+    return out
+
+
+@pytest.mark.parametrize("length", [1, 8, MAX_LEN - 3])  # the last one slides past max_seq_len
+def test_greedy_generation_equals_the_model_on_the_growing_sequence(artifact, length) -> None:
+    engine = Engine(artifact, kv_cache_bytes=1 << 20)
+    items, stamps = history(6 + length, length)
+    exclude = {5, 6}
+    want = reference_greedy(engine, items, stamps, 10, set(items.tolist()) | exclude)
+    state = prefill(engine, "g", query(items, stamps))
+    banned, got = np.union1d(items, list(exclude)), []
+    for _ in range(10):
+        (step,) = engine.compute([Decode(state, banned, 0.0, int(stamps[-1]))])
+        got.append(step.item)
+        banned, state = np.append(banned, step.item), step.state
+    assert got == want
+    # Generation never wrote its hypothetical items into the user's cached state.
+    cached = engine.cache.lookup("g", items[-MAX_LEN:], stamps[-MAX_LEN:])
+    assert cached is not None and cached.length == min(length, MAX_LEN)
+
+
+def test_sampling_is_seeded_and_respects_bans(artifact) -> None:
+    engine = Engine(artifact)
+    items, stamps = history(7, 10)
+    state = prefill(engine, None, query(items, stamps))
+    banned = np.arange(1, 50)  # only items 50..60 remain
+
+    def draw(seed: int) -> list[int]:
+        g = torch.Generator().manual_seed(seed)
+        return [engine.compute([Decode(state, banned, 1.0, int(stamps[-1]), g)])[0].item for _ in range(8)]
+
+    assert draw(1) == draw(1)
+    assert all(50 <= i <= 60 for i in draw(2))
+    assert len(set(draw(3) + draw(4) + draw(5))) > 1
+
+
+def test_sasrec_has_no_prefix_states(tmp_path) -> None:
+    _, path = make_random_artifact(tmp_path / "export", config=ModelConfig(encoder=EncoderType.SASREC))
+    engine = Engine(load_artifact(path), kv_cache_bytes=1 << 20)
+    assert engine.cache is None
+    with pytest.raises(NotImplementedError, match="HSTU"):
+        engine.compute([Prefill(None, np.array([1, 2]), np.array([0, 1]), 10)])
