@@ -8,6 +8,9 @@ Engine-level (no gRPC), one model thread, the same work items the server submits
   prefill       the cache-path prefill of the whole history from nothing (what a cache miss costs)
   generate      greedy ``Decode`` steps for ``--generate`` items: time to the first item and to all,
                 beside the same generation recomputing the growing sequence at every step
+  scheduling    ``--requests`` generations of 1..``--generate`` items (seeded), ``--slots`` at a time:
+                continuous (a finished generation's slot goes to the next one at once) against static
+                (the next group starts when the whole group has finished), items per second
 
 Prints a table of medians and the command that reproduces it. With no ``--artifact`` it uses an
 ML-1M-sized random export (3706 items, d=50, 2 blocks), as ``make bench-serve`` does.
@@ -55,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--generate", type=int, default=50)
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--torch-threads", type=int, default=1)
+    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--slots", type=int, default=16)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.torch_threads)
     device = torch.device(args.device)
@@ -114,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
 
     no_cache = timed(generate_without_cache, max(2, args.reps // 10), device)
 
+    sched = scheduling(engine, args, rng)
+
     card = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({platform.processor() or 'x86_64'})"
     print(f"\nbench-engine  {datetime.date.today()}  {card}  torch {torch.__version__}  "
           f"history {n}, {engine.num_items} items, {len(engine.encoder.blocks)} blocks, "
@@ -127,8 +134,49 @@ def main(argv: list[str] | None = None) -> int:
     print(f"| kv-cache (Decode steps) | {statistics.median(first):.2f} | {statistics.median(total):.1f} | "
           f"{statistics.median(total) / args.generate:.2f} |")
     print(f"| no cache (recompute the growing sequence) | - | {no_cache:.1f} | {no_cache / args.generate:.2f} |")
+    print(f"\n{args.requests} generations of 1..{args.generate} items ({sched['items']} in all), {args.slots} at "
+          "a time, histories of 50, prefilled beforehand:\n")
+    print("| scheduling | model steps | seconds | items / s |\n|---|--:|--:|--:|")
+    for name in ("static", "continuous"):
+        steps, seconds = sched[name]
+        print(f"| {name} | {steps} | {seconds:.2f} | {sched['items'] / seconds:.0f} |")
+    print(f"\ncontinuous / static throughput: {sched['static'][1] / sched['continuous'][1]:.2f}x")
     print("reproduce: python -m benchmarks.engine " + " ".join(sys.argv[1:]))
     return 0
+
+
+def scheduling(engine: Engine, args, rng: np.random.Generator) -> dict:
+    """Greedy generations of mixed length through ``Decode`` steps, scheduled two ways."""
+    lengths = rng.integers(1, args.generate + 1, args.requests).tolist()
+    starts = []
+    for _ in range(args.requests):
+        items = rng.integers(1, engine.num_items + 1, 50).astype(np.int64)
+        stamps = np.cumsum(rng.integers(0, 3600, 50)).astype(np.int64)
+        (done,) = engine.compute([Prefill(None, items, stamps, 50)])
+        starts.append((done.state, np.unique(items), int(stamps[-1])))
+
+    def run(continuous: bool) -> tuple[int, float]:
+        waiting = list(range(args.requests))
+        active: dict[int, tuple] = {}  # request -> (state, banned, items left)
+        steps, t0 = 0, time.perf_counter()
+        while waiting or active:
+            if continuous or not active:  # static: a new group only when the last one has finished
+                while waiting and len(active) < args.slots:
+                    r = waiting.pop(0)
+                    active[r] = (starts[r][0], starts[r][1], lengths[r])
+            order = list(active)
+            outs = engine.compute([Decode(active[r][0], active[r][1], 0.0, starts[r][2]) for r in order])
+            steps += 1
+            for r, out in zip(order, outs, strict=True):
+                _, banned, left = active[r]
+                if left == 1:
+                    del active[r]
+                else:
+                    active[r] = (out.state, np.append(banned, out.item), left - 1)
+        return steps, time.perf_counter() - t0
+
+    run(True)  # warm-up
+    return {"items": sum(lengths), "static": run(False), "continuous": run(True)}
 
 
 if __name__ == "__main__":

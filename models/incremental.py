@@ -130,3 +130,59 @@ def _block_extend(
     av = torch.einsum("hmn,nhd->mhd", weights, v_all).reshape(m, h * dv)
     gated = u * F.layer_norm(av, av.shape[-1:], eps=LAYER_NORM_EPS)
     return x + F.linear(gated, block.out_weight, block.out_bias), k_all, v_all
+
+
+def extend_one_each(
+    encoder: HSTU,
+    item_table: torch.Tensor,
+    items: torch.Tensor,
+    timestamps: torch.Tensor,
+    states: list[PrefixState],
+) -> tuple[torch.Tensor, list[PrefixState]]:
+    """``extend`` of B sequences by one token each, in one batched pass (a decode step).
+
+    items, timestamps: [B], the new token of each state. Every state must be non-empty and shorter
+    than ``max_seq_len``. Returns ([B, d] L2-normalised outputs of the new tokens, the B new states).
+    The caches of different lengths are padded to the longest; the padding is masked out.
+    """
+    if encoder.training:
+        raise RuntimeError("extend_one_each() is for inference: call encoder.eval() first")
+    max_len = encoder.input.position_embeddings.shape[0]
+    lengths = torch.tensor([s.length for s in states], device=item_table.device)
+    if any(s.length == 0 or s.length >= max_len for s in states):
+        raise ValueError(f"every state needs 1 .. {max_len - 1} cached tokens to take one more")
+    n = int(lengths.max()) + 1
+    all_timestamps = [torch.cat([s.timestamps, timestamps[b : b + 1]]) for b, s in enumerate(states)]
+    ts = torch.nn.utils.rnn.pad_sequence(all_timestamps, batch_first=True)  # [B, n]
+    j = torch.arange(n, device=item_table.device)[None, :]
+    valid = j <= lengths[:, None]  # [B, n]: the cached tokens and the new one
+    x = item_table[items] * encoder.input.scale + encoder.input.position_embeddings[lengths]
+    keys: list[list[torch.Tensor]] = [[] for _ in states]
+    values: list[list[torch.Tensor]] = [[] for _ in states]
+    for layer, block in enumerate(encoder.blocks):
+        h, dqk, dv = block.num_heads, block.attention_dim, block.linear_dim
+        uvqk = F.silu(F.layer_norm(x, x.shape[-1:], eps=LAYER_NORM_EPS) @ block.uvqk)
+        u, v, q, k = uvqk.split([h * dv, h * dv, h * dqk, h * dqk], dim=-1)
+        k_all = [torch.cat([s.keys[layer], k[b].reshape(1, h, dqk)]) for b, s in enumerate(states)]
+        v_all = [torch.cat([s.values[layer], v[b].reshape(1, h, dv)]) for b, s in enumerate(states)]
+        k_pad = torch.nn.utils.rnn.pad_sequence(k_all, batch_first=True)  # [B, n, H, dqk]
+        v_pad = torch.nn.utils.rnn.pad_sequence(v_all, batch_first=True)
+        rel = j - lengths[:, None] + block.max_seq_len - 1  # [B, n]; clamped where masked anyway
+        dt = ts.gather(1, lengths[:, None]) - ts
+        bias = block.pos_weights[rel.clamp(0, 2 * block.max_seq_len - 2)] + block.time_weights[
+            time_gap_bucket(dt, block.time_bucket_scale, block.time_weights.numel() - 1)
+        ]
+        scores = torch.einsum("bhd,bnhd->bhn", q.reshape(-1, h, dqk), k_pad) + bias[:, None, :]
+        weights = F.silu(scores) * valid[:, None, :] / block.max_seq_len
+        av = torch.einsum("bhn,bnhd->bhd", weights, v_pad).reshape(-1, h * dv)
+        gated = u * F.layer_norm(av, av.shape[-1:], eps=LAYER_NORM_EPS)
+        x = x + F.linear(gated, block.out_weight, block.out_bias)
+        for b in range(len(states)):
+            keys[b].append(k_all[b])
+            values[b].append(v_all[b])
+    out = l2_normalize(x, encoder.eps)
+    new_states = [
+        PrefixState(torch.cat([s.items, items[b : b + 1]]), all_timestamps[b], tuple(keys[b]), tuple(values[b]), out[b])
+        for b, s in enumerate(states)
+    ]
+    return out, new_states

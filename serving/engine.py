@@ -25,7 +25,7 @@ import torch
 
 from models.config import EncoderType, ModelConfig
 from models.embeddings import l2_normalize
-from models.incremental import PrefixState, extend
+from models.incremental import PrefixState, extend, extend_one_each
 from models.recommender import build_encoder, encode_histories, score_items
 from serving.artifact import Artifact
 from serving.kv_cache import KVCache
@@ -200,8 +200,10 @@ class Engine:
         return self._top_k(users, [s.query for s in scores], [s.state.length for s in scores])
 
     def _decodes(self, decodes: Sequence[Decode]) -> list[Decoded]:
+        """One step of every generation in the batch: one scoring product, then one batched pass that
+        appends each chosen item (a generation whose window is full slides and is recomputed alone)."""
         scores = score_items(torch.stack([d.state.user for d in decodes]), self.item_vectors)
-        out = []
+        chosen: list[tuple[int, float]] = []
         for b, d in enumerate(decodes):
             row = scores[b]
             if len(d.banned):
@@ -211,15 +213,24 @@ class Engine:
                 item = int(torch.multinomial(probs, 1, generator=d.generator))
             else:
                 item = int(torch.argmax(row))
-            out.append(Decoded(item, float(row[item]), self._append(d.state, item, d.timestamp)))
-        return out
+            chosen.append((item, float(row[item])))
+        states: list[PrefixState | None] = [None] * len(decodes)
+        room = [b for b, d in enumerate(decodes) if d.state.length < self.max_len]
+        if room:
+            ids = torch.tensor([chosen[b][0] for b in room], dtype=torch.int64, device=self.device)
+            stamps = torch.tensor([decodes[b].timestamp for b in room], dtype=torch.int64, device=self.device)
+            _, extended = extend_one_each(self.encoder, self.item_table, ids, stamps, [decodes[b].state for b in room])
+            for b, st in zip(room, extended, strict=True):
+                states[b] = st
+        for b, d in enumerate(decodes):
+            if states[b] is None:
+                states[b] = self._append(d.state, chosen[b][0], d.timestamp)
+        return [Decoded(item, score, st) for (item, score), st in zip(chosen, states, strict=True)]
 
     def _append(self, state: PrefixState, item: int, timestamp: int) -> PrefixState:
-        """``state`` plus one token; a full window slides, which a prefix cannot follow: recompute it."""
+        """A full window plus one token: it slides, which a prefix cannot follow, so it is recomputed."""
         ids = torch.tensor([item], dtype=torch.int64, device=self.device)
         stamps = torch.tensor([timestamp], dtype=torch.int64, device=self.device)
-        if state.length < self.max_len:
-            return extend(self.encoder, self.item_table, ids, stamps, state)[1]
         window_ids = torch.cat([state.items[1:], ids])
         window_stamps = torch.cat([state.timestamps[1:], stamps])
         return extend(self.encoder, self.item_table, window_ids, window_stamps, None)[1]

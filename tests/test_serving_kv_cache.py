@@ -207,3 +207,25 @@ def test_sasrec_has_no_prefix_states(tmp_path) -> None:
     assert engine.cache is None
     with pytest.raises(NotImplementedError, match="HSTU"):
         engine.compute([Prefill(None, np.array([1, 2]), np.array([0, 1]), 10)])
+
+
+def test_a_batch_of_decode_steps_equals_each_step_alone(artifact) -> None:
+    """Generations of different lengths (one with a full window, which slides) in one model step."""
+    engine = Engine(artifact)
+    states = [prefill(engine, None, query(*history(30 + i, n))) for i, n in enumerate([1, 7, MAX_LEN - 1, MAX_LEN, 3])]
+    decodes = [Decode(s, np.array([1, 2, 3]), 0.0, int(s.timestamps[-1]) + 5) for s in states]
+    together = engine.compute(decodes)
+    for d, got in zip(decodes, together, strict=True):
+        scores = score_items(d.state.user[None], engine.item_vectors)[0].clone()
+        scores[[1, 2, 3]] = float("-inf")
+        assert got.item == int(torch.argmax(scores))
+        ids, stamps = torch.tensor([got.item]), torch.tensor([d.timestamp])
+        if d.state.length < MAX_LEN:
+            _, want = extend(engine.encoder, engine.item_table, ids, stamps, d.state)
+        else:
+            _, want = extend(engine.encoder, engine.item_table, torch.cat([d.state.items[1:], ids]),
+                             torch.cat([d.state.timestamps[1:], stamps]), None)
+        torch.testing.assert_close(got.state.user, want.user, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got.state.timestamps, want.timestamps)
+        for a, b in zip(got.state.keys + got.state.values, want.keys + want.values, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
