@@ -75,6 +75,7 @@ class ServerProcess:
     max_queue_size: int
     torch_threads: int
     device: str = "cpu"
+    extra: tuple[str, ...] = ()  # more server flags, e.g. ("--kv-cache-mb", "256")
     port: int = 0
     metrics_port: int = 0
     log: list[str] = field(default_factory=list)
@@ -83,7 +84,7 @@ class ServerProcess:
         cmd = [sys.executable, "-m", "serving.server", "--artifact", str(self.artifact), "--port", "0",
                "--max-batch-size", str(self.max_batch_size), "--max-queue-delay-ms", str(self.max_queue_delay_ms),
                "--max-queue-size", str(self.max_queue_size), "--torch-threads", str(self.torch_threads),
-               "--metrics-port", "0", "--device", self.device]
+               "--metrics-port", "0", "--device", self.device, *self.extra]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
         watchdog = threading.Timer(300, self.proc.kill)
@@ -165,10 +166,21 @@ async def _one(stub: pb_grpc.RecommenderServiceStub, request: pb.RecommendReques
         result.codes[e.code().name] += 1
 
 
+def history_requests(length: int, num_items: int, seed: int) -> Iterator[pb.RecommendRequest]:
+    """Anonymous requests carrying ``length`` random events: each is computed from nothing."""
+    from serving.testing import raw_item_id
+
+    rng = np.random.default_rng(seed)
+    while True:
+        items = rng.integers(1, num_items + 1, length)
+        events = [pb.Event(item_id=raw_item_id(int(i)), timestamp=1e9 + 60 * n) for n, i in enumerate(items)]
+        yield pb.RecommendRequest(history=events, top_k=10)
+
+
 async def closed_loop(address: str, concurrency: int, duration: float, timeout: float, num_users: int, top_k: int,
-                      label: str) -> LoadResult:
+                      label: str, source: Iterator[pb.RecommendRequest] | None = None) -> LoadResult:
     result = LoadResult(label, "closed", f"c={concurrency}", duration, collections.Counter(), [])
-    source = requests(num_users, top_k)
+    source = source or requests(num_users, top_k)
     async with grpc.aio.insecure_channel(address) as channel:
         stub = pb_grpc.RecommenderServiceStub(channel)
         stop_at = time.perf_counter() + duration
@@ -182,10 +194,10 @@ async def closed_loop(address: str, concurrency: int, duration: float, timeout: 
 
 
 async def open_loop(address: str, qps: float, duration: float, timeout: float, num_users: int, top_k: int,
-                    label: str, on_tick=None) -> LoadResult:
+                    label: str, on_tick=None, source: Iterator[pb.RecommendRequest] | None = None) -> LoadResult:
     """Sends at a fixed rate (evenly spaced); each latency counts from the request's scheduled time."""
     result = LoadResult(label, "open", f"{qps:.0f}/s", duration, collections.Counter(), [])
-    source = requests(num_users, top_k)
+    source = source or requests(num_users, top_k)
     async with grpc.aio.insecure_channel(address) as channel:
         stub = pb_grpc.RecommenderServiceStub(channel)
         start = time.perf_counter()
@@ -242,6 +254,31 @@ def suite_compare(args, artifact: Path) -> list[LoadResult]:
     print(f"\nhighest QPS with p99 <= {args.p99_bound_ms:.0f} ms and every reply OK: "
           + ", ".join(f"{k}: {v:.0f}" for k, v in best.items())
           + (f"; dynamic / batch-1 = {dyn / one:.2f}x" if one else ""))
+    return rows
+
+
+def suite_chunking(args, artifact: Path) -> list[LoadResult]:
+    """Short requests (5 events) at an open-loop rate while closed-loop callers keep sending long
+    anonymous histories (the model's max_len), on a KV-cache server with and without chunked prefill."""
+    from serving.artifact import load_artifact
+
+    art = load_artifact(artifact)
+    max_len, num_items = int(art.model_config["max_seq_len"]), art.num_items
+    async def both(address: str, label: str) -> list[LoadResult]:
+        return list(await asyncio.gather(
+            closed_loop(address, args.long_callers, args.duration, args.timeout, 0, 10, f"{label}: long",
+                        source=history_requests(max_len, num_items, 1)),
+            open_loop(address, args.qps, args.duration, args.timeout, 0, 10, f"{label}: short",
+                      source=history_requests(5, num_items, 2))))
+
+    rows = []
+    chunk = args.prefill_chunk
+    for label, size in ((f"no chunking ({max_len})", max_len), (f"chunks of {chunk}", chunk)):
+        extra = ("--kv-cache-mb", "256", "--prefill-chunk-tokens", str(size))
+        with ServerProcess(artifact, args.max_batch_size, args.max_queue_delay_ms, args.max_queue_size,
+                           args.torch_threads, args.device, extra) as server:
+            asyncio.run(both(f"127.0.0.1:{server.port}", label))  # warm-up
+            rows.extend(asyncio.run(both(f"127.0.0.1:{server.port}", label)))
     return rows
 
 
@@ -324,7 +361,9 @@ def print_table(rows: list[LoadResult]) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.serve", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--suite", choices=["compare", "closed", "open", "soak", "engine"], default="compare")
+    p.add_argument("--suite", choices=["compare", "closed", "open", "soak", "engine", "chunking"], default="compare")
+    p.add_argument("--long-callers", type=int, default=4, help="suite chunking: callers sending long histories")
+    p.add_argument("--prefill-chunk", type=int, default=16, help="suite chunking: the chunked server's chunk")
     p.add_argument("--artifact", type=Path, default=None, help="an export; default: a random ML-1M-sized one")
     p.add_argument("--history-len", type=int, default=200, help="events per user in the generated export")
     p.add_argument("--num-users", type=int, default=6040)
@@ -353,6 +392,8 @@ def main(argv: list[str] | None = None) -> int:
         rows = []
     elif args.suite == "compare":
         rows = suite_compare(args, artifact)
+    elif args.suite == "chunking":
+        rows = suite_chunking(args, artifact)
     elif args.suite == "soak":
         rows, passed = suite_soak(args, artifact)
     else:

@@ -72,20 +72,30 @@ class HSTUBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, timestamps: torch.Tensor, seq_offsets: torch.Tensor) -> torch.Tensor:
         """x [L, d], timestamps [L] int64, seq_offsets [B+1] -> [L, d]."""
-        n, h, dqk, dv = x.shape[0], self.num_heads, self.attention_dim, self.linear_dim
-        uvqk = F.silu(F.layer_norm(x, x.shape[-1:], eps=LAYER_NORM_EPS) @ self.uvqk)
-        u, v, q, k = uvqk.split([h * dv, h * dv, h * dqk, h * dqk], dim=-1)
+        n, h = x.shape[0], self.num_heads
+        u, v, q, k = self.project(x)
         rab = RelativeBias(self.pos_weights, self.time_weights, timestamps, self.time_bucket_scale)
         av = hstu_attention(
-            q.reshape(n, h, dqk),
-            k.reshape(n, h, dqk),
-            v.reshape(n, h, dv),
+            q.reshape(n, h, self.attention_dim),
+            k.reshape(n, h, self.attention_dim),
+            v.reshape(n, h, self.linear_dim),
             seq_offsets,
             self.max_seq_len,
             alpha=1.0,  # GR does not scale Q K^T
             rab=rab,
             impl=self.attention_impl,
-        ).reshape(n, h * dv)
+        ).reshape(n, h * self.linear_dim)
+        return self.output(x, u, av)
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """U, V, Q, K = split(SiLU(LN(x) W_uvqk)), each [rows, heads * per-head width]."""
+        h, dqk, dv = self.num_heads, self.attention_dim, self.linear_dim
+        uvqk = F.silu(F.layer_norm(x, x.shape[-1:], eps=LAYER_NORM_EPS) @ self.uvqk)
+        u, v, q, k = uvqk.split([h * dv, h * dv, h * dqk, h * dqk], dim=-1)
+        return u, v, q, k
+
+    def output(self, x: torch.Tensor, u: torch.Tensor, av: torch.Tensor) -> torch.Tensor:
+        """x + W_o(Dropout(U * LN(A V))) + b_o, with av [rows, heads * dv]."""
         gated = u * F.layer_norm(av, av.shape[-1:], eps=LAYER_NORM_EPS)
         return x + F.linear(F.dropout(gated, self.dropout, self.training), self.out_weight, self.out_bias)
 

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from models.embeddings import l2_normalize
-from models.hstu import HSTU, LAYER_NORM_EPS, HSTUBlock
+from models.hstu import HSTU, HSTUBlock
 from models.ops.relative_bias import time_gap_bucket
 
 
@@ -115,8 +115,7 @@ def _block_extend(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One block for the new rows x [m, d] at positions start..start+m-1, against the cache."""
     m, h, dqk, dv = x.shape[0], block.num_heads, block.attention_dim, block.linear_dim
-    uvqk = F.silu(F.layer_norm(x, x.shape[-1:], eps=LAYER_NORM_EPS) @ block.uvqk)
-    u, v, q, k = uvqk.split([h * dv, h * dv, h * dqk, h * dqk], dim=-1)
+    u, v, q, k = block.project(x)
     k_all = torch.cat([k_cache, k.reshape(m, h, dqk)])
     v_all = torch.cat([v_cache, v.reshape(m, h, dv)])
     n = k_all.shape[0]
@@ -128,8 +127,7 @@ def _block_extend(
     scores = torch.einsum("mhd,nhd->hmn", q.reshape(m, h, dqk), k_all) + bias  # alpha = 1, as the block
     weights = F.silu(scores) * (j <= i) / block.max_seq_len
     av = torch.einsum("hmn,nhd->mhd", weights, v_all).reshape(m, h * dv)
-    gated = u * F.layer_norm(av, av.shape[-1:], eps=LAYER_NORM_EPS)
-    return x + F.linear(gated, block.out_weight, block.out_bias), k_all, v_all
+    return block.output(x, u, av), k_all, v_all
 
 
 def extend_one_each(
@@ -161,8 +159,7 @@ def extend_one_each(
     values: list[list[torch.Tensor]] = [[] for _ in states]
     for layer, block in enumerate(encoder.blocks):
         h, dqk, dv = block.num_heads, block.attention_dim, block.linear_dim
-        uvqk = F.silu(F.layer_norm(x, x.shape[-1:], eps=LAYER_NORM_EPS) @ block.uvqk)
-        u, v, q, k = uvqk.split([h * dv, h * dv, h * dqk, h * dqk], dim=-1)
+        u, v, q, k = block.project(x)
         k_all = [torch.cat([s.keys[layer], k[b].reshape(1, h, dqk)]) for b, s in enumerate(states)]
         v_all = [torch.cat([s.values[layer], v[b].reshape(1, h, dv)]) for b, s in enumerate(states)]
         k_pad = torch.nn.utils.rnn.pad_sequence(k_all, batch_first=True)  # [B, n, H, dqk]
@@ -175,8 +172,7 @@ def extend_one_each(
         scores = torch.einsum("bhd,bnhd->bhn", q.reshape(-1, h, dqk), k_pad) + bias[:, None, :]
         weights = F.silu(scores) * valid[:, None, :] / block.max_seq_len
         av = torch.einsum("bhn,bnhd->bhd", weights, v_pad).reshape(-1, h * dv)
-        gated = u * F.layer_norm(av, av.shape[-1:], eps=LAYER_NORM_EPS)
-        x = x + F.linear(gated, block.out_weight, block.out_bias)
+        x = block.output(x, u, av)
         for b in range(len(states)):
             keys[b].append(k_all[b])
             values[b].append(v_all[b])

@@ -10,6 +10,10 @@ passes while it waits is answered ``DeadlineExpired`` and never computed; one wh
 is dropped. Under overload this keeps the model busy with requests that can still be delivered
 instead of ones whose callers have given up.
 
+``compute`` may answer an item with ``Continue(next_item)`` instead of a result: the next item goes
+into the very next batch, ahead of the queue, for the same caller (a long prefill computed a chunk
+per model step, beside whatever else is queued, without a trip back through the event loop).
+
 Example::
 
     >>> batcher = DynamicBatcher(engine.compute, BatcherConfig(max_batch_size=32, max_queue_delay_ms=2))
@@ -21,6 +25,7 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -67,12 +72,20 @@ class BatcherConfig:
             raise ValueError(f"invalid batcher config {self}")
 
 
+@dataclass(frozen=True)
+class Continue(Generic[Q]):
+    """A result that is not final: compute ``work`` in the next batch for the same caller."""
+
+    work: Q
+
+
 @dataclass
 class _Pending(Generic[Q, R]):
     query: Q
     future: asyncio.Future[R]
     enqueued: float  # loop.time()
     deadline: float | None  # loop.time(), None for no deadline
+    continued: bool = False  # a Continue's next item: already admitted, waits for no company
 
 
 class DynamicBatcher(Generic[Q, R]):
@@ -88,6 +101,7 @@ class DynamicBatcher(Generic[Q, R]):
         self._compute = compute
         self._metrics = metrics
         self._queue: asyncio.Queue[_Pending[Q, R]] = asyncio.Queue(maxsize=config.max_queue_size)
+        self._continued: collections.deque[_Pending[Q, R]] = collections.deque()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         self._task: asyncio.Task[None] | None = None
         self._batch_seconds = 0.0
@@ -138,6 +152,8 @@ class DynamicBatcher(Generic[Q, R]):
             await asyncio.gather(self._task, return_exceptions=True)
         while not self._queue.empty():
             self._queue.get_nowait().future.cancel()
+        while self._continued:
+            self._continued.popleft().future.cancel()
         # A batch still on the model thread (past the grace period) is left to finish on its own.
         self._executor.shutdown(wait=False, cancel_futures=True)
 
@@ -161,7 +177,9 @@ class DynamicBatcher(Generic[Q, R]):
         batch: list[_Pending[Q, R]] = []
         flush_at = 0.0
         while len(batch) < self.config.max_batch_size:
-            if not self._queue.empty():
+            if self._continued:
+                item = self._continued.popleft()
+            elif not self._queue.empty():
                 item = self._queue.get_nowait()
             elif not batch:
                 item = await self._queue.get()
@@ -177,7 +195,9 @@ class DynamicBatcher(Generic[Q, R]):
             if self._dead(item, loop.time()):
                 continue
             if not batch:
-                flush_at = item.enqueued + self.config.max_queue_delay_ms / 1000
+                # A continued item has waited already: its batch takes what is queued and goes.
+                delay = 0.0 if item.continued else self.config.max_queue_delay_ms / 1000
+                flush_at = item.enqueued + delay
             batch.append(item)
         return batch
 
@@ -209,7 +229,8 @@ class DynamicBatcher(Generic[Q, R]):
         if self._metrics is not None:
             self._metrics.batch_size.observe(len(batch))
             for item in batch:
-                self._metrics.queue_latency.observe(start - item.enqueued)
+                if not item.continued:
+                    self._metrics.queue_latency.observe(start - item.enqueued)
         t0 = time.perf_counter()
         try:
             results = await loop.run_in_executor(self._executor, self._compute, queries)
@@ -224,8 +245,15 @@ class DynamicBatcher(Generic[Q, R]):
         if self._metrics is not None:
             self._metrics.compute_latency.observe(elapsed)
         for item, result in zip(batch, results, strict=True):
-            if not item.future.done():
-                item.future.set_result(result)
+            self._deliver(item, result, loop)
+
+    def _deliver(self, item: _Pending[Q, R], result, loop: asyncio.AbstractEventLoop) -> None:
+        if item.future.done():
+            return
+        if isinstance(result, Continue):
+            self._continued.append(_Pending(result.work, item.future, loop.time(), item.deadline, continued=True))
+        else:
+            item.future.set_result(result)
 
     async def _execute_singly(self, batch: list[_Pending[Q, R]], loop: asyncio.AbstractEventLoop) -> None:
         for item in batch:
@@ -238,8 +266,7 @@ class DynamicBatcher(Generic[Q, R]):
                 if not item.future.done():
                     item.future.set_exception(e)
                 continue
-            if not item.future.done():
-                item.future.set_result(result)
+            self._deliver(item, result, loop)
 
     def _observe_depth(self) -> None:
         if self._metrics is not None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -28,6 +28,7 @@ from models.embeddings import l2_normalize
 from models.incremental import PrefixState, extend, extend_one_each
 from models.recommender import build_encoder, encode_histories, score_items
 from serving.artifact import Artifact
+from serving.batcher import Continue
 from serving.kv_cache import KVCache
 from serving.validation import Query
 
@@ -48,7 +49,9 @@ class Recommendation:
 class Prefill:
     """Bring the user's cached state up to (items, timestamps), computing at most ``budget`` new tokens.
 
-    ``key`` None: nothing is cached (an anonymous history); ``state`` then carries the progress.
+    ``key`` None: nothing is cached (an anonymous history). ``state``: the progress of an earlier
+    chunk (then the cache is not consulted). ``chain``: instead of a partial ``Prefilled``, answer
+    ``Continue`` with the next chunk, which the batcher computes in its next model step.
     """
 
     key: str | None
@@ -56,6 +59,7 @@ class Prefill:
     timestamps: np.ndarray
     budget: int
     state: PrefixState | None = None
+    chain: bool = False
 
 
 @dataclass(frozen=True)
@@ -172,8 +176,12 @@ class Engine:
         return out
 
     # --- the KV-cache path ----------------------------------------------------------------------
-    def _prefills(self, prefills: Sequence[Prefill]) -> list[Prefilled]:
-        return [self._prefill(p) for p in prefills]
+    def _prefills(self, prefills: Sequence[Prefill]) -> list[Prefilled | Continue]:
+        out: list[Prefilled | Continue] = []
+        for p in prefills:
+            done = self._prefill(p)
+            out.append(Continue(replace(p, state=done.state)) if p.chain and done.remaining else done)
+        return out
 
     def _prefill(self, p: Prefill) -> Prefilled:
         if not self.incremental:

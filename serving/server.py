@@ -209,13 +209,10 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
 
     async def _prefill(self, key: str | None, query: Query, context: grpc.aio.ServicerContext):
         """The user's prefix state for ``query``'s history: cached keys/values plus the new events, in
-        chunks of ``prefill_chunk`` tokens, one model step each."""
-        state, remaining = None, 1
-        while remaining:
-            done = await self._submit(Prefill(key, query.items, query.timestamps, self.prefill_chunk, state),
-                                      context)
-            state, remaining = done.state, done.remaining
-        return state
+        chunks of ``prefill_chunk`` tokens, one model step each (chained inside the batcher)."""
+        done = await self._submit(Prefill(key, query.items, query.timestamps, self.prefill_chunk, chain=True),
+                                  context)
+        return done.state
 
     async def _submit(self, work: Work, context: grpc.aio.ServicerContext):
         assert self.batcher is not None

@@ -288,3 +288,29 @@ def test_queue_delay_bounds_the_wait_at_low_load(artifact):
             stub.Recommend(request(3), timeout=10)
             latencies.append(time.perf_counter() - t0)
         assert 0.045 < float(np.median(latencies)) < 1.0
+
+
+def test_continue_computes_the_next_item_in_the_next_batch_for_the_same_caller():
+    """A chained item (a long prefill's next chunk) skips the queue and waits for no company."""
+    from serving.batcher import Continue
+
+    batches: list[list] = []
+
+    def compute(items):
+        batches.append(list(items))
+        return [Continue(x - 1) if isinstance(x, int) and x > 0 else f"done {x}" for x in items]
+
+    async def main():
+        b = DynamicBatcher(compute, BatcherConfig(max_batch_size=4, max_queue_delay_ms=1000))
+        await b.start()
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        first = await asyncio.gather(b.submit(3), b.submit("a"), b.submit("b"), b.submit("c"))
+        elapsed = loop.time() - t0
+        await b.close()
+        return first, elapsed
+
+    results, elapsed = asyncio.run(main())
+    assert results == ["done 0", "done a", "done b", "done c"]
+    assert batches == [[3, "a", "b", "c"], [2], [1], [0]]
+    assert elapsed < 0.5  # the full first batch went at once, and no continuation waited out the 1 s delay
