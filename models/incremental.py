@@ -105,7 +105,9 @@ def extend(
         keys.append(k_all)
         values.append(v_all)
     out = l2_normalize(x, encoder.eps)
-    new_state = PrefixState(torch.cat([state.items, items]), all_timestamps, tuple(keys), tuple(values), out[-1])
+    # clone: a view would keep the whole [m, d] output alive behind a [d] row (and the cache's byte count)
+    new_state = PrefixState(torch.cat([state.items, items]), all_timestamps, tuple(keys), tuple(values),
+                            out[-1].clone())
     return out, new_state
 
 
@@ -178,7 +180,8 @@ def extend_one_each(
             values[b].append(v_all[b])
     out = l2_normalize(x, encoder.eps)
     new_states = [
-        PrefixState(torch.cat([s.items, items[b : b + 1]]), all_timestamps[b], tuple(keys[b]), tuple(values[b]), out[b])
+        PrefixState(torch.cat([s.items, items[b : b + 1]]), all_timestamps[b], tuple(keys[b]), tuple(values[b]),
+                    out[b].clone())
         for b, s in enumerate(states)
     ]
     return out, new_states

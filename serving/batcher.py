@@ -100,7 +100,9 @@ class DynamicBatcher(Generic[Q, R]):
         self.config = config
         self._compute = compute
         self._metrics = metrics
-        self._queue: asyncio.Queue[_Pending[Q, R]] = asyncio.Queue(maxsize=config.max_queue_size)
+        # Unbounded: admit() enforces max_queue_size on new requests; follow-ups of admitted ones never wait
+        # for room (refusing them would waste the work already done for their RPC).
+        self._queue: asyncio.Queue[_Pending[Q, R]] = asyncio.Queue()
         self._continued: collections.deque[_Pending[Q, R]] = collections.deque()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         self._task: asyncio.Task[None] | None = None
@@ -119,22 +121,26 @@ class DynamicBatcher(Generic[Q, R]):
     def admit(self, timeout: float | None) -> None:
         """Raises ``QueueFull`` or ``DeadlineExpired`` if a request with ``timeout`` seconds left would
         be refused now. Cheap: callers run it before validating, to shed load early."""
-        if self._queue.full():
+        if self._queue.qsize() >= self.config.max_queue_size:
             raise QueueFull(f"the queue holds {self.config.max_queue_size} requests")
         if timeout is not None and timeout <= max(DEADLINE_MARGIN_S, wait := self.expected_wait()):
             raise DeadlineExpired(f"{timeout:.3f}s left, the queue ahead takes ~{wait:.3f}s")
 
-    async def submit(self, query: Q, timeout: float | None = None) -> R:
+    async def submit(self, query: Q, timeout: float | None = None, follow_up: bool = False) -> R:
         """Waits for ``query``'s result; raises ``QueueFull`` or ``DeadlineExpired``.
 
         ``timeout`` is the time left to the caller's deadline in seconds (gRPC's
-        ``context.time_remaining()``), None for none.
+        ``context.time_remaining()``), None for none. ``follow_up``: a later step of an RPC already
+        admitted (a generation's next item): not refused for a full queue, and its batch does not wait
+        for company; its deadline still holds.
         """
         loop = asyncio.get_running_loop()
         now = loop.time()
-        self.admit(timeout)
-        item = _Pending(query, loop.create_future(), now, None if timeout is None else now + timeout)
-        self._queue.put_nowait(item)  # cannot fail: admit() saw room and nothing ran since
+        if not follow_up:
+            self.admit(timeout)
+        item = _Pending(query, loop.create_future(), now, None if timeout is None else now + timeout,
+                        continued=follow_up)
+        self._queue.put_nowait(item)
         self._observe_depth()
         # If the RPC is cancelled (client gone) this await cancels the future too, and the batcher
         # skips it. The deadline is answered here, a little before gRPC's own timer would cancel the

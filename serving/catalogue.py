@@ -78,12 +78,15 @@ class Catalogue:
         return History(np.concatenate([stored.items, appended.items]),
                        np.concatenate([stored.timestamps, appended.timestamps]))
 
-    def append_events(self, raw_user: str, items: np.ndarray, timestamps: np.ndarray) -> int:
+    def append_events(self, raw_user: str, items: np.ndarray, timestamps: np.ndarray, keep: int = 10_000) -> int:
         """Adds validated events (dense ids, seconds; oldest first, not older than the user's last) to a
-        user's history; returns its new length. Held in memory: a restart forgets them."""
+        user's history and returns its new length. At most the last ``keep`` appended events are held
+        per user (older ones drop out of the history, and so out of the excluded items). Held in
+        memory: a restart forgets them."""
         old = self._appended.get(raw_user)
         if old is not None:
             items, timestamps = np.concatenate([old.items, items]), np.concatenate([old.timestamps, timestamps])
+        items, timestamps = items[-keep:], timestamps[-keep:]
         self._appended[raw_user] = History(items.astype(np.int64), timestamps.astype(np.int64))
         history = self.user_history(raw_user)
         return 0 if history is None else len(history)

@@ -217,7 +217,7 @@ class Engine:
             if len(d.banned):
                 row[torch.from_numpy(d.banned).to(self.device)] = float("-inf")
             if d.temperature > 0:
-                probs = torch.softmax(row.float().cpu() / d.temperature, dim=0)
+                probs = torch.softmax(row.double().cpu() / d.temperature, dim=0)
                 item = int(torch.multinomial(probs, 1, generator=d.generator))
             else:
                 item = int(torch.argmax(row))

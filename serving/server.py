@@ -144,6 +144,7 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
         self.limits: RequestLimits | None = None
         self.version = ""
         self.use_cache = False  # Recommend through Prefill + Score work items
+        self.use_prefix_states = False  # the model can keep prefix states (HSTU): Generate works
         self.prefill_chunk = 64
         self.in_flight = 0
         self.idle = asyncio.Event()
@@ -169,7 +170,8 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
             catalogue, limits = self._ready()
             with _rejecting():
                 items, stamps = parse_append(request, catalogue, limits)
-            return pb.AppendEventsResponse(history_length=catalogue.append_events(request.user_id, items, stamps))
+            length = catalogue.append_events(request.user_id, items, stamps, keep=limits.max_events)
+            return pb.AppendEventsResponse(history_length=length)
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
                        ) -> AsyncIterator[pb.GeneratedItem]:
@@ -179,12 +181,15 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
                 self.batcher.admit(context.time_remaining())
                 gen = parse_generate(request, catalogue, limits)
             q = gen.query
+            if not self.use_prefix_states:
+                raise Rejected(grpc.StatusCode.UNIMPLEMENTED, "Generate needs an HSTU model; this one is not")
             state = await self._prefill(request.context.user_id or None, q, context)
             banned, stamp = q.exclude, int(q.timestamps[-1])
             generator = torch.Generator().manual_seed(gen.seed) if gen.temperature > 0 else None
             for step in range(gen.num_items):
                 # One work item per step: other requests and generations share each model step.
-                chosen = await self._submit(Decode(state, banned, gen.temperature, stamp, generator), context)
+                chosen = await self._submit(Decode(state, banned, gen.temperature, stamp, generator), context,
+                                            follow_up=True)
                 banned, state = np.append(banned, chosen.item), chosen.state
                 item = pb.ScoredItem(item_id=catalogue.raw_ids[chosen.item], score=chosen.score,
                                      title=catalogue.titles[chosen.item])
@@ -205,7 +210,7 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
         if not self.use_cache:
             return await self._submit(query, context), query
         state = await self._prefill(request.user_id or None, query, context)
-        return await self._submit(Score(state, query), context), query
+        return await self._submit(Score(state, query), context, follow_up=True), query
 
     async def _prefill(self, key: str | None, query: Query, context: grpc.aio.ServicerContext):
         """The user's prefix state for ``query``'s history: cached keys/values plus the new events, in
@@ -214,10 +219,10 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
                                   context)
         return done.state
 
-    async def _submit(self, work: Work, context: grpc.aio.ServicerContext):
+    async def _submit(self, work: Work, context: grpc.aio.ServicerContext, follow_up: bool = False):
         assert self.batcher is not None
         with _rejecting():
-            return await self.batcher.submit(work, context.time_remaining())
+            return await self.batcher.submit(work, context.time_remaining(), follow_up=follow_up)
 
     def _response(self, rec: Recommendation, start: int, end: int) -> pb.RecommendResponse:
         assert self.catalogue is not None
@@ -330,6 +335,8 @@ class RecommenderServer:
     async def _load(self) -> None:
         """Loads and warms the model on a worker thread, so health checks are answered meanwhile."""
         cfg = self.config
+        if cfg.prefill_chunk_tokens < 1:
+            raise ValueError(f"prefill_chunk_tokens must be >= 1, got {cfg.prefill_chunk_tokens}")
 
         def load() -> tuple[Engine, Catalogue]:
             artifact = load_artifact(cfg.artifact)
@@ -344,6 +351,7 @@ class RecommenderServer:
         s = self._servicer
         s.catalogue, s.batcher, s.version = catalogue, batcher, self.engine.version
         s.use_cache, s.prefill_chunk = self.engine.cache is not None, cfg.prefill_chunk_tokens
+        s.use_prefix_states = self.engine.incremental
         s.limits = RequestLimits(max_len=self.engine.max_len, max_request_bytes=cfg.max_request_bytes)
 
     def _compute(self, queries: Sequence[Work]) -> list:

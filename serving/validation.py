@@ -168,6 +168,9 @@ def parse_append(request: pb.AppendEventsRequest, catalogue: Catalogue, limits: 
                  ) -> tuple[np.ndarray, np.ndarray]:
     """The new events of an AppendEvents request as (dense ids, seconds), validated as a history is:
     known items, finite non-decreasing timestamps, none older than the user's last known event."""
+    size = request.ByteSize()
+    if size > limits.max_request_bytes:
+        raise InvalidRequest("request", f"{size} bytes exceeds the limit of {limits.max_request_bytes}")
     if not request.user_id:
         raise InvalidRequest("user_id", "required: events belong to a user")
     if len(request.events) == 0:
@@ -194,6 +197,8 @@ class Generation:
 
 
 MAX_TEMPERATURE = 100.0
+MIN_TEMPERATURE = 1e-3
+"""Scores are cosines in [-1, 1]: below this, sampling is greedy in all but name, and 1/t overflows."""
 
 
 def parse_generate(request: pb.GenerateRequest, catalogue: Catalogue, limits: RequestLimits) -> Generation:
@@ -212,6 +217,7 @@ def parse_generate(request: pb.GenerateRequest, catalogue: Catalogue, limits: Re
         raise InvalidRequest("num_items", f"must be in [1, {available}] (the catalogue minus history and "
                              f"exclusions), got {request.num_items}")
     t = request.temperature
-    if not (np.isfinite(t) and 0 <= t <= MAX_TEMPERATURE):
-        raise InvalidRequest("temperature", f"must be finite and in [0, {MAX_TEMPERATURE:g}] (0: greedy), got {t}")
+    if not (np.isfinite(t) and (t == 0 or MIN_TEMPERATURE <= t <= MAX_TEMPERATURE)):
+        raise InvalidRequest("temperature",
+                             f"must be 0 (greedy) or in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}], got {t}")
     return Generation(query, request.num_items, float(t), int(request.seed))

@@ -314,3 +314,32 @@ def test_continue_computes_the_next_item_in_the_next_batch_for_the_same_caller()
     assert results == ["done 0", "done a", "done b", "done c"]
     assert batches == [[3, "a", "b", "c"], [2], [1], [0]]
     assert elapsed < 0.5  # the full first batch went at once, and no continuation waited out the 1 s delay
+
+
+def test_follow_ups_of_admitted_requests_are_not_refused_for_a_full_queue():
+    """A generation's next step must not be refused halfway through its stream."""
+    from serving.batcher import QueueFull
+
+    gate = threading.Event()
+
+    def compute(items):
+        gate.wait(5)
+        return list(items)
+
+    async def main():
+        b = DynamicBatcher(compute, BatcherConfig(max_batch_size=1, max_queue_delay_ms=0, max_queue_size=1))
+        await b.start()
+        running = asyncio.create_task(b.submit("running"))  # on the model thread, held by the gate
+        await asyncio.sleep(0.05)
+        queued = asyncio.create_task(b.submit("queued"))  # fills the queue
+        await asyncio.sleep(0.01)
+        with pytest.raises(QueueFull):
+            await b.submit("refused")
+        follow = asyncio.create_task(b.submit("follow-up", follow_up=True))
+        await asyncio.sleep(0.01)
+        gate.set()
+        results = await asyncio.gather(running, queued, follow)
+        await b.close()
+        return results
+
+    assert asyncio.run(main()) == ["running", "queued", "follow-up"]

@@ -68,6 +68,8 @@ def test_a_new_user_starts_with_append_events(stubs):
     (pb.AppendEventsRequest(user_id="3", events=[pb.Event(item_id="nope", timestamp=START_TIME * 2)]),
      "events[0].item_id"),
     (pb.AppendEventsRequest(user_id="3", events=events([1], 0)), "events[0].timestamp"),  # older than stored
+    (pb.AppendEventsRequest(user_id="3", events=[pb.Event(item_id="x" * 200, timestamp=START_TIME * 2)] * 6000),
+     "request"),  # 1.3 MB, over the 1 MiB request limit
 ])
 def test_bad_append_events(stubs, request_, field):
     cached, _, _ = stubs
@@ -78,19 +80,23 @@ def test_bad_append_events(stubs, request_, field):
 
 
 def test_greedy_generate_streams_the_model_on_its_growing_sequence(stubs):
-    """Generate with the cache equals the cache-less server, and its first item is the top
-    recommendation (both choose the best remaining item after the same history)."""
+    """Each generated item is the cache-less server's top recommendation for the history grown by the
+    items generated before it (that server computes every history in full, through the jagged encoder)."""
     cached, plain, _ = stubs
-    request = pb.GenerateRequest(context=pb.RecommendRequest(user_id="4", exclude_item_ids=[raw_item_id(7)]),
-                                 num_items=12)
+    history = events([3, 8, 21, 40, 2], START_TIME)
+    exclude = [raw_item_id(7)]
+    request = pb.GenerateRequest(context=pb.RecommendRequest(history=history, exclude_item_ids=exclude), num_items=12)
     got = list(cached.Generate(request, timeout=20))
-    want = list(plain.Generate(request, timeout=20))
     assert [g.step for g in got] == list(range(12))
-    assert [g.item.item_id for g in got] == [g.item.item_id for g in want]
     ids = [g.item.item_id for g in got]
     assert len(set(ids)) == 12 and raw_item_id(7) not in ids
-    top = cached.Recommend(pb.RecommendRequest(user_id="4", top_k=1, exclude_item_ids=[raw_item_id(7)]), timeout=10)
-    assert ids[0] == top.items[0].item_id
+    last = history[-1].timestamp
+    for step, generated in enumerate(got):
+        grown = history + [pb.Event(item_id=i, timestamp=last) for i in ids[:step]]  # generated: gap 0
+        top = plain.Recommend(pb.RecommendRequest(history=grown, exclude_item_ids=exclude, top_k=1), timeout=10)
+        assert generated.item.item_id == top.items[0].item_id
+        assert generated.item.score == pytest.approx(top.items[0].score, rel=1e-5, abs=1e-6)
+    assert ids == [g.item.item_id for g in plain.Generate(request, timeout=20)]
 
 
 def test_sampled_generate_is_seeded(stubs):
@@ -123,6 +129,7 @@ def test_generations_of_different_lengths_share_the_server(stubs):
     (pb.GenerateRequest(context=pb.RecommendRequest(user_id="1"), num_items=3, temperature=float("nan")),
      "temperature"),
     (pb.GenerateRequest(context=pb.RecommendRequest(user_id="1"), num_items=3, temperature=-1), "temperature"),
+    (pb.GenerateRequest(context=pb.RecommendRequest(user_id="1"), num_items=3, temperature=1e-40), "temperature"),
     (pb.GenerateRequest(context=pb.RecommendRequest(user_id="nobody"), num_items=3), "context.user_id"),
     (pb.GenerateRequest(context=pb.RecommendRequest(user_id="1", candidate_item_ids=[raw_item_id(1)]),
                         num_items=3), "context.candidate_item_ids"),
@@ -134,3 +141,15 @@ def test_bad_generate(stubs, request_, field):
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and e.value.details().startswith(field)
     assert list(cached.Generate(pb.GenerateRequest(context=pb.RecommendRequest(user_id="1"), num_items=2),
                                 timeout=10))
+
+
+def test_generate_on_a_model_without_prefix_states_is_unimplemented(tmp_path):
+    from models.config import EncoderType, ModelConfig
+
+    _, path = make_random_artifact(tmp_path / "export", config=ModelConfig(encoder=EncoderType.SASREC))
+    with ServerThread(ServerConfig(artifact=path, port=0)) as server, grpc.insecure_channel(server.address) as ch:
+        stub = pb_grpc.RecommenderServiceStub(ch)
+        with pytest.raises(grpc.RpcError) as e:
+            list(stub.Generate(pb.GenerateRequest(context=pb.RecommendRequest(user_id="1"), num_items=2), timeout=10))
+        assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        assert stub.Recommend(pb.RecommendRequest(user_id="1", top_k=2), timeout=10).items
