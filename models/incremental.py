@@ -185,3 +185,51 @@ def extend_one_each(
         for b, s in enumerate(states)
     ]
     return out, new_states
+
+
+def extend_candidates(
+    encoder: HSTU,
+    item_table: torch.Tensor,
+    candidates: torch.Tensor,
+    timestamps: torch.Tensor,
+    state: PrefixState,
+) -> tuple[torch.Tensor, list[PrefixState]]:
+    """Each of K candidates appended to the same prefix, in one pass: candidate c attends to the cached
+    history and to itself only (the ``num_targets`` mask) and sits at the next position, exactly as if
+    it had been appended alone. Returns ([K, d] L2-normalised outputs, the K extended states).
+    """
+    if encoder.training:
+        raise RuntimeError("extend_candidates() is for inference: call encoder.eval() first")
+    n, k_count = state.length, int(candidates.numel())
+    max_len = encoder.input.position_embeddings.shape[0]
+    if n == 0 or n >= max_len:
+        raise ValueError(f"the prefix needs 1 .. {max_len - 1} tokens to take candidates, has {n}")
+    x = item_table[candidates] * encoder.input.scale + encoder.input.position_embeddings[n]
+    j = torch.arange(n, device=x.device)
+    keys: list[list[torch.Tensor]] = [[] for _ in range(k_count)]
+    values: list[list[torch.Tensor]] = [[] for _ in range(k_count)]
+    for layer, block in enumerate(encoder.blocks):
+        h, dqk, dv = block.num_heads, block.attention_dim, block.linear_dim
+        u, v, q, k = block.project(x)
+        q, k, v = q.reshape(-1, h, dqk), k.reshape(-1, h, dqk), v.reshape(-1, h, dv)
+        k_cache, v_cache = state.keys[layer], state.values[layer]
+        num_buckets = block.time_weights.numel() - 1
+        history_bias = block.pos_weights[j - n + block.max_seq_len - 1][None, :] + block.time_weights[
+            time_gap_bucket(timestamps[:, None] - state.timestamps[None, :], block.time_bucket_scale, num_buckets)
+        ]  # [K, n]
+        self_bias = block.pos_weights[block.max_seq_len - 1] + block.time_weights[0]  # gap 0, same position
+        history_w = F.silu(torch.einsum("khd,nhd->khn", q, k_cache) + history_bias[:, None, :]) / block.max_seq_len
+        self_w = F.silu((q * k).sum(-1) + self_bias) / block.max_seq_len  # [K, H]
+        av = torch.einsum("khn,nhd->khd", history_w, v_cache) + self_w[..., None] * v
+        x = block.output(x, u, av.reshape(-1, h * dv))
+        for c in range(k_count):
+            keys[c].append(torch.cat([k_cache, k[c : c + 1]]))
+            values[c].append(torch.cat([v_cache, v[c : c + 1]]))
+    out = l2_normalize(x, encoder.eps)
+    states = [
+        PrefixState(torch.cat([state.items, candidates[c : c + 1]]),
+                    torch.cat([state.timestamps, timestamps[c : c + 1]]), tuple(keys[c]), tuple(values[c]),
+                    out[c].clone())
+        for c in range(k_count)
+    ]
+    return out, states

@@ -25,7 +25,7 @@ import torch
 
 from models.config import EncoderType, ModelConfig
 from models.embeddings import l2_normalize
-from models.incremental import PrefixState, extend, extend_one_each
+from models.incremental import PrefixState, extend, extend_candidates, extend_one_each
 from models.recommender import build_encoder, encode_histories, score_items
 from serving.artifact import Artifact
 from serving.batcher import Continue
@@ -99,7 +99,30 @@ class Decoded:
     state: PrefixState
 
 
-Work = Query | Prefill | Score | Decode
+@dataclass(frozen=True)
+class Beam:
+    """One hypothesis of a beam search: the sequence state after its items, and their log-probability
+    under the model's softmax (cosine / the trained temperature), summed over the steps."""
+
+    state: PrefixState
+    items: tuple[int, ...] = ()
+    scores: tuple[float, ...] = ()  # the cosine score of each item when chosen
+    log_prob: float = 0.0
+
+
+@dataclass(frozen=True)
+class BeamStep:
+    """One step of a beam search: every beam's ``width`` best next items compete, the ``width`` best
+    continuations survive (each beam's survivors appended in one pass). The result: the new beams,
+    best first."""
+
+    beams: tuple[Beam, ...]
+    banned: np.ndarray
+    width: int
+    timestamp: int
+
+
+Work = Query | Prefill | Score | Decode | BeamStep
 
 
 class Engine:
@@ -142,7 +165,8 @@ class Engine:
         kinds: dict[type, list[int]] = {}
         for i, item in enumerate(work):
             kinds.setdefault(type(item), []).append(i)
-        handlers = {Query: self._queries, Prefill: self._prefills, Score: self._scores, Decode: self._decodes}
+        handlers = {Query: self._queries, Prefill: self._prefills, Score: self._scores, Decode: self._decodes,
+                    BeamStep: self._beam_steps}
         for kind, index in kinds.items():
             if kind not in handlers:
                 raise TypeError(f"unknown work item {kind.__name__}")
@@ -234,6 +258,41 @@ class Engine:
             if states[b] is None:
                 states[b] = self._append(d.state, chosen[b][0], d.timestamp)
         return [Decoded(item, score, st) for (item, score), st in zip(chosen, states, strict=True)]
+
+    def _beam_steps(self, steps: Sequence[BeamStep]) -> list[tuple[Beam, ...]]:
+        return [self._beam_step(step) for step in steps]
+
+    def _beam_step(self, step: BeamStep) -> tuple[Beam, ...]:
+        beams = step.beams
+        scores = score_items(torch.stack([b.state.user for b in beams]), self.item_vectors)
+        banned = torch.from_numpy(step.banned).to(self.device)
+        for row, beam in zip(scores, beams, strict=True):
+            row[banned] = float("-inf")
+            if beam.items:
+                row[torch.tensor(beam.items, device=self.device)] = float("-inf")
+        log_probs = torch.log_softmax(scores.double() / self.config.temperature, dim=1)
+        totals = torch.tensor([b.log_prob for b in beams], dtype=torch.float64, device=self.device)[:, None] + log_probs
+        width = min(step.width, int(torch.isfinite(totals).sum()))
+        best = torch.topk(totals.flatten(), width).indices.tolist()
+        chosen: dict[int, list[int]] = {}
+        for flat in best:
+            chosen.setdefault(flat // totals.shape[1], []).append(flat % totals.shape[1])
+        survivors: dict[tuple[int, int], PrefixState] = {}
+        for b, items in chosen.items():
+            ids = torch.tensor(items, dtype=torch.int64, device=self.device)
+            stamps = torch.full_like(ids, step.timestamp)
+            if beams[b].state.length < self.max_len:  # all of this beam's survivors in one pass
+                states = extend_candidates(self.encoder, self.item_table, ids, stamps, beams[b].state)[1]
+            else:
+                states = [self._append(beams[b].state, c, step.timestamp) for c in items]
+            survivors.update({(b, c): st for c, st in zip(items, states, strict=True)})
+        out = []
+        for flat in best:
+            b, c = divmod(flat, totals.shape[1])
+            beam = beams[b]
+            out.append(Beam(survivors[(b, c)], beam.items + (c,), beam.scores + (float(scores[b, c]),),
+                            float(totals[b, c])))
+        return tuple(out)
 
     def _append(self, state: PrefixState, item: int, timestamp: int) -> PrefixState:
         """A full window plus one token: it slides, which a prefix cannot follow, so it is recomputed."""

@@ -40,7 +40,7 @@ from protos.genrec.v1 import recommender_pb2_grpc as pb_grpc
 from serving.artifact import load_artifact
 from serving.batcher import BatcherConfig, DeadlineExpired, DynamicBatcher, QueueFull
 from serving.catalogue import Catalogue
-from serving.engine import Decode, Engine, Prefill, Recommendation, Score, Work
+from serving.engine import Beam, BeamStep, Decode, Engine, Prefill, Recommendation, Score, Work
 from serving.metrics import Metrics
 from serving.validation import (
     InvalidRequest,
@@ -185,6 +185,15 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
                 raise Rejected(grpc.StatusCode.UNIMPLEMENTED, "Generate needs an HSTU model; this one is not")
             state = await self._prefill(request.context.user_id or None, q, context)
             banned, stamp = q.exclude, int(q.timestamps[-1])
+            if gen.beam_width > 1:
+                beams: tuple[Beam, ...] = (Beam(state),)
+                for _ in range(gen.num_items):
+                    beams = await self._submit(BeamStep(beams, banned, gen.beam_width, stamp), context, follow_up=True)
+                for step, (item_id, score) in enumerate(zip(beams[0].items, beams[0].scores, strict=True)):
+                    item = pb.ScoredItem(item_id=catalogue.raw_ids[item_id], score=score,
+                                         title=catalogue.titles[item_id])
+                    yield pb.GeneratedItem(item=item, step=step, model_version=self.version)
+                return
             generator = torch.Generator().manual_seed(gen.seed) if gen.temperature > 0 else None
             for step in range(gen.num_items):
                 # One work item per step: other requests and generations share each model step.

@@ -194,9 +194,11 @@ class Generation:
     num_items: int
     temperature: float
     seed: int
+    beam_width: int = 1
 
 
 MAX_TEMPERATURE = 100.0
+MAX_BEAM_WIDTH = 32
 MIN_TEMPERATURE = 1e-3
 """Scores are cosines in [-1, 1]: below this, sampling is greedy in all but name, and 1/t overflows."""
 
@@ -220,4 +222,9 @@ def parse_generate(request: pb.GenerateRequest, catalogue: Catalogue, limits: Re
     if not (np.isfinite(t) and (t == 0 or MIN_TEMPERATURE <= t <= MAX_TEMPERATURE)):
         raise InvalidRequest("temperature",
                              f"must be 0 (greedy) or in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}], got {t}")
-    return Generation(query, request.num_items, float(t), int(request.seed))
+    width = request.beam_width
+    if not 0 <= width <= MAX_BEAM_WIDTH:
+        raise InvalidRequest("beam_width", f"must be in [0, {MAX_BEAM_WIDTH}] (0 or 1: no beam search), got {width}")
+    if width > 1 and t > 0:
+        raise InvalidRequest("beam_width", "beam search is deterministic: use it with temperature 0")
+    return Generation(query, request.num_items, float(t), int(request.seed), max(width, 1))

@@ -99,6 +99,21 @@ def test_greedy_generate_streams_the_model_on_its_growing_sequence(stubs):
     assert ids == [g.item.item_id for g in plain.Generate(request, timeout=20)]
 
 
+def test_beam_search_generate(stubs):
+    """Width 1 is greedy; a wider beam returns as many distinct allowed items, and the same on the
+    cache-less server."""
+    cached, plain, _ = stubs
+    context = pb.RecommendRequest(user_id="6", exclude_item_ids=[raw_item_id(3)])
+    greedy = [g.item.item_id for g in cached.Generate(pb.GenerateRequest(context=context, num_items=6), timeout=20)]
+    width_one = cached.Generate(pb.GenerateRequest(context=context, num_items=6, beam_width=1), timeout=20)
+    assert [g.item.item_id for g in width_one] == greedy
+    request = pb.GenerateRequest(context=context, num_items=6, beam_width=4)
+    beam = list(cached.Generate(request, timeout=20))
+    ids = [g.item.item_id for g in beam]
+    assert [g.step for g in beam] == list(range(6)) and len(set(ids)) == 6 and raw_item_id(3) not in ids
+    assert ids == [g.item.item_id for g in plain.Generate(request, timeout=20)]
+
+
 def test_sampled_generate_is_seeded(stubs):
     cached, _, _ = stubs
     request = pb.GenerateRequest(context=pb.RecommendRequest(user_id="5"), num_items=8, temperature=1.0, seed=11)
@@ -130,6 +145,9 @@ def test_generations_of_different_lengths_share_the_server(stubs):
      "temperature"),
     (pb.GenerateRequest(context=pb.RecommendRequest(user_id="1"), num_items=3, temperature=-1), "temperature"),
     (pb.GenerateRequest(context=pb.RecommendRequest(user_id="1"), num_items=3, temperature=1e-40), "temperature"),
+    (pb.GenerateRequest(context=pb.RecommendRequest(user_id="1"), num_items=3, beam_width=33), "beam_width"),
+    (pb.GenerateRequest(context=pb.RecommendRequest(user_id="1"), num_items=3, beam_width=4, temperature=1.0),
+     "beam_width"),
     (pb.GenerateRequest(context=pb.RecommendRequest(user_id="nobody"), num_items=3), "context.user_id"),
     (pb.GenerateRequest(context=pb.RecommendRequest(user_id="1", candidate_item_ids=[raw_item_id(1)]),
                         num_items=3), "context.candidate_item_ids"),

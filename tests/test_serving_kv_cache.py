@@ -12,15 +12,16 @@ import torch
 
 from models.config import EncoderType, ModelConfig
 from models.hstu import HSTU
-from models.incremental import extend
+from models.incremental import extend, extend_candidates
 from models.recommender import encode_histories, score_items
 from serving.artifact import load_artifact
-from serving.engine import Decode, Engine, Prefill, Score
+from serving.engine import Beam, BeamStep, Decode, Engine, Prefill, Score
 from serving.kv_cache import KVCache
 from serving.testing import make_random_artifact
 from serving.validation import Query
 
 MAX_LEN = 24
+NUM_ITEMS_IN_ARTIFACT = 60
 CONFIG = ModelConfig(embedding_dim=16, attention_dim=8, linear_dim=8, num_heads=2, num_blocks=2, max_seq_len=MAX_LEN)
 
 
@@ -236,3 +237,64 @@ def test_a_cached_state_holds_only_its_own_bytes(artifact) -> None:
     engine = Engine(artifact)
     state = prefill(engine, None, query(*history(40, 20)), budget=20)
     assert state.user.untyped_storage().nbytes() == state.user.numel() * state.user.element_size()
+
+
+def test_candidates_in_one_pass_equal_each_candidate_appended_alone(artifact) -> None:
+    """The num_targets mask on the cached history: each candidate sees the history and itself only."""
+    engine = Engine(artifact)
+    items, stamps = history(50, 15)
+    state = prefill(engine, None, query(items, stamps))
+    candidates = torch.tensor([4, 9, 4, 33, 60])  # a repeat too
+    when = torch.tensor([int(stamps[-1]) + gap for gap in (0, 1, 60, 10**5, 10**8)])
+    with torch.inference_mode():
+        out, states = extend_candidates(engine.encoder, engine.item_table, candidates, when, state)
+        for c in range(len(candidates)):
+            one, at = candidates[c : c + 1], when[c : c + 1]
+            alone, alone_state = extend(engine.encoder, engine.item_table, one, at, state)
+            torch.testing.assert_close(out[c], alone[0], rtol=1e-5, atol=1e-5)
+            for a, b in zip(states[c].keys + states[c].values, alone_state.keys + alone_state.values, strict=True):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+            assert torch.equal(states[c].items, alone_state.items)
+
+
+def beam_search(engine: Engine, state, banned: np.ndarray, steps: int, width: int, stamp: int) -> tuple[Beam, ...]:
+    beams = (Beam(state),)
+    for _ in range(steps):
+        (beams,) = engine.compute([BeamStep(beams, banned, width, stamp)])
+    return beams
+
+
+def test_beam_of_width_one_is_greedy(artifact) -> None:
+    engine = Engine(artifact)
+    items, stamps = history(51, 9)
+    state = prefill(engine, None, query(items, stamps))
+    banned = np.unique(items)
+    (beam,) = beam_search(engine, state, banned, 8, 1, int(stamps[-1]))
+    greedy = reference_greedy(engine, items, stamps, 8, set(banned.tolist()))
+    assert list(beam.items) == greedy
+
+
+def test_a_beam_as_wide_as_the_catalogue_finds_the_best_two_item_sequence(artifact) -> None:
+    engine = Engine(artifact)
+    items, stamps = history(52, 6)
+    state = prefill(engine, None, query(items, stamps))
+    banned, stamp, tau = np.unique(items), int(stamps[-1]), engine.config.temperature
+
+    def log_probs(user: torch.Tensor, exclude: list[int]) -> torch.Tensor:
+        scores = score_items(user[None], engine.item_vectors)[0].clone()
+        scores[sorted(set(banned.tolist()) | set(exclude))] = float("-inf")
+        return torch.log_softmax(scores.double() / tau, dim=0)
+
+    with torch.inference_mode():  # exhaustive: every first item, then its best second item
+        first = log_probs(state.user, [])
+        best, best_pair = -float("inf"), None
+        for a in torch.nonzero(torch.isfinite(first)).flatten().tolist():
+            _, after = extend(engine.encoder, engine.item_table, torch.tensor([a]), torch.tensor([stamp]), state)
+            second = log_probs(after.user, [a])
+            b = int(torch.argmax(second))
+            if float(first[a] + second[b]) > best:
+                best, best_pair = float(first[a] + second[b]), (a, b)
+    beams = beam_search(engine, state, banned, 2, NUM_ITEMS_IN_ARTIFACT, stamp)
+    assert beams[0].items == best_pair
+    assert beams[0].log_prob == pytest.approx(best, rel=1e-6)
+    assert [b.log_prob for b in beams] == sorted((b.log_prob for b in beams), reverse=True)
