@@ -10,7 +10,8 @@ Engine-level (no gRPC), one model thread, the same work items the server submits
                 beside the same generation recomputing the growing sequence at every step
   scheduling    ``--requests`` generations of 1..``--generate`` items (seeded), ``--slots`` at a time:
                 continuous (a finished generation's slot goes to the next one at once) against static
-                (the next group starts when the whole group has finished), items per second
+                (the next group starts when the whole group has finished; "padded" also keeps computing
+                the finished ones until then, as a padded batch does), items per second
 
 Prints a table of medians and the command that reproduces it. With no ``--artifact`` it uses an
 ML-1M-sized random export (3706 items, d=50, 2 blocks), as ``make bench-serve`` does.
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--generate", type=int, default=50)
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--torch-threads", type=int, default=1)
-    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--requests", type=int, default=256)
     ap.add_argument("--slots", type=int, default=16)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.torch_threads)
@@ -137,10 +138,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{args.requests} generations of 1..{args.generate} items ({sched['items']} in all), {args.slots} at "
           "a time, histories of 50, prefilled beforehand:\n")
     print("| scheduling | model steps | seconds | items / s |\n|---|--:|--:|--:|")
-    for name in ("static", "continuous"):
+    for name in ("static, padded", "static", "continuous"):
         steps, seconds = sched[name]
         print(f"| {name} | {steps} | {seconds:.2f} | {sched['items'] / seconds:.0f} |")
-    print(f"\ncontinuous / static throughput: {sched['static'][1] / sched['continuous'][1]:.2f}x")
+    print(f"\ncontinuous / static throughput: {sched['static'][1] / sched['continuous'][1]:.2f}x; "
+          f"continuous / static padded: {sched['static, padded'][1] / sched['continuous'][1]:.2f}x")
     print("reproduce: python -m benchmarks.engine " + " ".join(sys.argv[1:]))
     return 0
 
@@ -155,28 +157,35 @@ def scheduling(engine: Engine, args, rng: np.random.Generator) -> dict:
         (done,) = engine.compute([Prefill(None, items, stamps, 50)])
         starts.append((done.state, np.unique(items), int(stamps[-1])))
 
-    def run(continuous: bool) -> tuple[int, float]:
+    def run(continuous: bool, padded: bool = False) -> tuple[int, float]:
         waiting = list(range(args.requests))
         active: dict[int, tuple] = {}  # request -> (state, banned, items left)
+        finished: dict[int, tuple] = {}  # padded static: done, still computed until its group ends
         steps, t0 = 0, time.perf_counter()
         while waiting or active:
             if continuous or not active:  # static: a new group only when the last one has finished
+                finished.clear()
                 while waiting and len(active) < args.slots:
                     r = waiting.pop(0)
                     active[r] = (starts[r][0], starts[r][1], lengths[r])
             order = list(active)
-            outs = engine.compute([Decode(active[r][0], active[r][1], 0.0, starts[r][2]) for r in order])
+            work = [Decode(active[r][0], active[r][1], 0.0, starts[r][2]) for r in order]
+            work += [Decode(st, banned, 0.0, starts[r][2]) for r, (st, banned) in finished.items()]
+            outs = engine.compute(work)
             steps += 1
-            for r, out in zip(order, outs, strict=True):
+            for r, out in zip(order, outs, strict=False):
                 _, banned, left = active[r]
                 if left == 1:
                     del active[r]
+                    if padded:
+                        finished[r] = (out.state, np.append(banned, out.item))
                 else:
                     active[r] = (out.state, np.append(banned, out.item), left - 1)
         return steps, time.perf_counter() - t0
 
     run(True)  # warm-up
-    return {"items": sum(lengths), "static": run(False), "continuous": run(True)}
+    return {"items": sum(lengths), "static, padded": run(False, padded=True), "static": run(False),
+            "continuous": run(True)}
 
 
 if __name__ == "__main__":
