@@ -79,6 +79,11 @@ class Continue(Generic[Q]):
     work: Q
 
 
+_WAKE = object()
+"""Put on the queue to wake a batcher waiting for the first request of a batch when a follow-up has
+been added to the priority deque instead."""
+
+
 @dataclass
 class _Pending(Generic[Q, R]):
     query: Q
@@ -103,7 +108,9 @@ class DynamicBatcher(Generic[Q, R]):
         # Unbounded: admit() enforces max_queue_size on new requests; follow-ups of admitted ones never wait
         # for room (refusing them would waste the work already done for their RPC).
         self._queue: asyncio.Queue[_Pending[Q, R]] = asyncio.Queue()
+        # Continue's next items and follow-ups of admitted RPCs: taken before anything queued.
         self._continued: collections.deque[_Pending[Q, R]] = collections.deque()
+        self._current: list[_Pending[Q, R]] = []  # the batch being collected or computed
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         self._task: asyncio.Task[None] | None = None
         self._batch_seconds = 0.0
@@ -115,7 +122,7 @@ class DynamicBatcher(Generic[Q, R]):
         """Seconds until a request queued now would be answered, at the recent batch time: the full
         batches ahead of it and its own. An empty queue counts as no wait, so a batch time inflated by
         a stall is measured again instead of refusing every request from then on."""
-        queued = self._queue.qsize()
+        queued = self._queue.qsize() + len(self._continued)
         return (queued // self.config.max_batch_size + 1) * self._batch_seconds if queued else 0.0
 
     def admit(self, timeout: float | None) -> None:
@@ -136,11 +143,14 @@ class DynamicBatcher(Generic[Q, R]):
         """
         loop = asyncio.get_running_loop()
         now = loop.time()
-        if not follow_up:
-            self.admit(timeout)
         item = _Pending(query, loop.create_future(), now, None if timeout is None else now + timeout,
                         continued=follow_up)
-        self._queue.put_nowait(item)
+        if follow_up:
+            self._continued.append(item)
+            self._queue.put_nowait(_WAKE)  # in case the loop waits for a first request
+        else:
+            self.admit(timeout)
+            self._queue.put_nowait(item)
         self._observe_depth()
         # If the RPC is cancelled (client gone) this await cancels the future too, and the batcher
         # skips it. The deadline is answered here, a little before gRPC's own timer would cancel the
@@ -160,6 +170,8 @@ class DynamicBatcher(Generic[Q, R]):
             self._queue.get_nowait().future.cancel()
         while self._continued:
             self._continued.popleft().future.cancel()
+        for item in self._current:  # collected or computing when the loop stopped: never answered otherwise
+            item.future.cancel()
         # A batch still on the model thread (past the grace period) is left to finish on its own.
         self._executor.shutdown(wait=False, cancel_futures=True)
 
@@ -172,15 +184,16 @@ class DynamicBatcher(Generic[Q, R]):
             # Callers may have left (or run out of time) while the batch filled up.
             now = loop.time()
             batch = [item for item in batch if not self._dead(item, now)]
-            batch = self._drop_doomed(batch, now)
+            self._current = batch = self._drop_doomed(batch, now)
             if batch:
                 await self._execute(batch, loop)
+            self._current = []
 
     async def _collect(self, loop: asyncio.AbstractEventLoop) -> list[_Pending[Q, R]]:
         """Blocks for the first live request, then gathers more until the batch is full or the first
         one has waited ``max_queue_delay_ms``. Dead requests met on the way are answered and skipped,
         so under overload the queue drains work that could no longer be delivered without computing it."""
-        batch: list[_Pending[Q, R]] = []
+        self._current = batch = []
         flush_at = 0.0
         while len(batch) < self.config.max_batch_size:
             if self._continued:
@@ -198,6 +211,8 @@ class DynamicBatcher(Generic[Q, R]):
                         item = await self._queue.get()
                 except TimeoutError:
                     break
+            if item is _WAKE:
+                continue
             if self._dead(item, loop.time()):
                 continue
             if not batch:
@@ -276,4 +291,4 @@ class DynamicBatcher(Generic[Q, R]):
 
     def _observe_depth(self) -> None:
         if self._metrics is not None:
-            self._metrics.queue_depth.set(self._queue.qsize())
+            self._metrics.queue_depth.set(self._queue.qsize() + len(self._continued))

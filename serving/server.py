@@ -185,7 +185,7 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
                 raise Rejected(grpc.StatusCode.UNIMPLEMENTED, "Generate needs an HSTU model; this one is not")
             state = await self._prefill(request.context.user_id or None, q, context)
             banned, stamp = q.exclude, int(q.timestamps[-1])
-            if gen.beam_width > 1:
+            if gen.beam_width > 0:
                 beams: tuple[Beam, ...] = (Beam(state),)
                 for _ in range(gen.num_items):
                     beams = await self._submit(BeamStep(beams, banned, gen.beam_width, stamp), context, follow_up=True)

@@ -194,7 +194,7 @@ class Generation:
     num_items: int
     temperature: float
     seed: int
-    beam_width: int = 1
+    beam_width: int = 0  # 0: no beam search
 
 
 MAX_TEMPERATURE = 100.0
@@ -224,7 +224,7 @@ def parse_generate(request: pb.GenerateRequest, catalogue: Catalogue, limits: Re
                              f"must be 0 (greedy) or in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}], got {t}")
     width = request.beam_width
     if not 0 <= width <= MAX_BEAM_WIDTH:
-        raise InvalidRequest("beam_width", f"must be in [0, {MAX_BEAM_WIDTH}] (0 or 1: no beam search), got {width}")
-    if width > 1 and t > 0:
+        raise InvalidRequest("beam_width", f"must be in [0, {MAX_BEAM_WIDTH}] (0: no beam search), got {width}")
+    if width > 0 and t > 0:
         raise InvalidRequest("beam_width", "beam search is deterministic: use it with temperature 0")
-    return Generation(query, request.num_items, float(t), int(request.seed), max(width, 1))
+    return Generation(query, request.num_items, float(t), int(request.seed), width)

@@ -320,10 +320,11 @@ def test_follow_ups_of_admitted_requests_are_not_refused_for_a_full_queue():
     """A generation's next step must not be refused halfway through its stream."""
     from serving.batcher import QueueFull
 
-    gate = threading.Event()
+    gate, order = threading.Event(), []
 
     def compute(items):
         gate.wait(5)
+        order.extend(items)
         return list(items)
 
     async def main():
@@ -343,3 +344,36 @@ def test_follow_ups_of_admitted_requests_are_not_refused_for_a_full_queue():
         return results
 
     assert asyncio.run(main()) == ["running", "queued", "follow-up"]
+    assert order == ["running", "follow-up", "queued"]  # computed ahead of requests not yet started
+
+
+def test_a_follow_up_wakes_an_idle_batcher():
+    async def main():
+        b = DynamicBatcher(lambda items: [f"done {x}" for x in items], BatcherConfig(max_queue_delay_ms=1000))
+        await b.start()
+        await asyncio.sleep(0.01)  # the loop now waits for a first request
+        result = await asyncio.wait_for(b.submit("next step", follow_up=True), timeout=0.5)
+        await b.close()
+        return result
+
+    assert asyncio.run(main()) == "done next step"
+
+
+def test_close_answers_the_callers_of_the_batch_in_flight():
+    gate = threading.Event()
+
+    def compute(items):
+        gate.wait(5)
+        return list(items)
+
+    async def main():
+        b = DynamicBatcher(compute, BatcherConfig(max_batch_size=2, max_queue_delay_ms=0))
+        await b.start()
+        computing = asyncio.create_task(b.submit("computing"))  # no deadline
+        await asyncio.sleep(0.05)
+        await b.close()
+        gate.set()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(computing, timeout=1)
+
+    asyncio.run(main())

@@ -100,8 +100,9 @@ def test_greedy_generate_streams_the_model_on_its_growing_sequence(stubs):
 
 
 def test_beam_search_generate(stubs):
-    """Width 1 is greedy; a wider beam returns as many distinct allowed items, and the same on the
-    cache-less server."""
+    """Width 1 (through the beam-search steps) chooses what greedy (the Decode steps) does; a wider beam
+    returns as many distinct allowed items, and the same on the cache-less server. The search itself is
+    checked against a full-recompute reference in test_serving_kv_cache."""
     cached, plain, _ = stubs
     context = pb.RecommendRequest(user_id="6", exclude_item_ids=[raw_item_id(3)])
     greedy = [g.item.item_id for g in cached.Generate(pb.GenerateRequest(context=context, num_items=6), timeout=20)]

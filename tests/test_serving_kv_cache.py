@@ -6,6 +6,8 @@ serving used before (``Query`` work items: the whole history through the jagged 
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -298,3 +300,45 @@ def test_a_beam_as_wide_as_the_catalogue_finds_the_best_two_item_sequence(artifa
     assert beams[0].items == best_pair
     assert beams[0].log_prob == pytest.approx(best, rel=1e-6)
     assert [b.log_prob for b in beams] == sorted((b.log_prob for b in beams), reverse=True)
+
+
+def reference_beam_search(engine: Engine, items, stamps, banned: np.ndarray, steps: int, width: int):
+    """Beam search with every beam's user embedding recomputed from its whole sequence, no cache."""
+    beams, tau = [((), 0.0)], engine.config.temperature
+    for _ in range(steps):
+        candidates = []
+        for seq, log_prob in beams:
+            grown = (list(items) + list(seq))[-MAX_LEN:]
+            grown_stamps = (list(stamps) + [stamps[-1]] * len(seq))[-MAX_LEN:]
+            with torch.inference_mode():
+                user = encode_histories(engine.encoder, engine.item_table, torch.tensor(grown),
+                                        torch.tensor(grown_stamps), torch.tensor([0, len(grown)]))
+                scores = score_items(user, engine.item_vectors)[0]
+                scores[sorted(set(banned.tolist()) | set(seq))] = float("-inf")
+                step = torch.log_softmax(scores.double() / tau, dim=0)
+            finite = torch.nonzero(torch.isfinite(step)).flatten().tolist()
+            candidates += [(seq + (c,), log_prob + float(step[c])) for c in finite]
+        beams = sorted(candidates, key=lambda b: -b[1])[:width]
+    return beams
+
+
+@pytest.mark.parametrize(("length", "width", "steps"), [(5, 3, 4), (MAX_LEN - 1, 3, 4), (MAX_LEN, 4, 3)])
+def test_beam_search_equals_a_full_recompute_reference(artifact, length, width, steps) -> None:
+    """Beams that cross into, or start in, a full window (which slides and is recomputed) included."""
+    engine = Engine(artifact)
+    items, stamps = history(70 + length, length)
+    banned = np.unique(items)
+    beams = beam_search(engine, prefill(engine, None, query(items, stamps)), banned, steps, width, int(stamps[-1]))
+    want = reference_beam_search(engine, items, stamps, banned, steps, width)
+    assert [b.items for b in beams] == [w[0] for w in want]
+    np.testing.assert_allclose([b.log_prob for b in beams], [w[1] for w in want], rtol=1e-6)
+
+
+def test_a_beam_wider_than_the_items_left_keeps_only_real_sequences(artifact) -> None:
+    engine = Engine(artifact)
+    items, stamps = history(80, 5)
+    allowed = [i for i in range(1, NUM_ITEMS_IN_ARTIFACT + 1) if i not in set(items.tolist())][:3]
+    banned = np.array(sorted(set(range(1, NUM_ITEMS_IN_ARTIFACT + 1)) - set(allowed)))
+    beams = beam_search(engine, prefill(engine, None, query(items, stamps)), banned, 2, 8, int(stamps[-1]))
+    assert len(beams) == 6 and all(np.isfinite(b.log_prob) for b in beams)  # 3 x 2 ordered pairs
+    assert {b.items for b in beams} == set(itertools.permutations(allowed, 2))
