@@ -183,21 +183,30 @@ class Engine:
         return self._top_k(users, queries, lengths)
 
     def _top_k(self, users: torch.Tensor, queries: Sequence[Query], lengths: Sequence[int]) -> list[Recommendation]:
+        """Retrieval queries: one masked top-k over their rows and one copy to the host for the whole
+        batch (per-query calls cost a launch and a device->host sync each on GPU). Ranking queries:
+        their candidates' columns, one query at a time."""
         scores = score_items(users, self.item_vectors)  # [B, num_items + 1], padding column -inf
-        out = []
+        out: list[Recommendation | None] = [None] * len(queries)
+        retrieval = [b for b, q in enumerate(queries) if q.candidates is None]
+        if retrieval:
+            rows = scores[retrieval]
+            excluded_rows = np.repeat(np.arange(len(retrieval)), [len(queries[b].exclude) for b in retrieval])
+            excluded = np.concatenate([queries[b].exclude for b in retrieval])
+            rows[torch.from_numpy(excluded_rows).to(self.device), torch.from_numpy(excluded).to(self.device)] = (
+                float("-inf"))
+            ks = [min(queries[b].top_k, self.num_items - len(queries[b].exclude)) for b in retrieval]
+            top = torch.topk(rows, max(ks), dim=1)
+            items, values = top.indices.cpu().numpy(), top.values.float().cpu().numpy()
+            for i, (b, k) in enumerate(zip(retrieval, ks, strict=True)):
+                out[b] = Recommendation(items[i, :k], values[i, :k], lengths[b])
         for b, q in enumerate(queries):
-            row = scores[b]
-            if q.candidates is None:
-                row[torch.from_numpy(q.exclude).to(self.device)] = float("-inf")
-                k = min(q.top_k, self.num_items - len(q.exclude))
-                top = torch.topk(row, k)
-                items, values = top.indices, top.values
-            else:
+            if q.candidates is not None:
                 candidates = torch.from_numpy(q.candidates).to(self.device)
-                top = torch.topk(row[candidates], min(q.top_k, len(candidates)))
-                items, values = candidates[top.indices], top.values
-            out.append(Recommendation(items.cpu().numpy(), values.float().cpu().numpy(), lengths[b]))
-        return out
+                top = torch.topk(scores[b][candidates], min(q.top_k, len(candidates)))
+                out[b] = Recommendation(candidates[top.indices].cpu().numpy(), top.values.float().cpu().numpy(),
+                                        lengths[b])
+        return out  # type: ignore[return-value]
 
     # --- the KV-cache path ----------------------------------------------------------------------
     def _prefills(self, prefills: Sequence[Prefill]) -> list[Prefilled | Continue]:
