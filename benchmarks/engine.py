@@ -8,6 +8,7 @@ Engine-level (no gRPC), one model thread, the same work items the server submits
   prefill       the cache-path prefill of the whole history from nothing (what a cache miss costs)
   generate      greedy ``Decode`` steps for ``--generate`` items: time to the first item and to all,
                 beside the same generation recomputing the growing sequence at every step
+  cuda graphs   (``--device cuda``) one decode step of 1..8 generations, eager against a CUDA graph
   scheduling    ``--requests`` generations of 1..``--generate`` items (seeded), ``--slots`` at a time:
                 continuous (a finished generation's slot goes to the next one at once) against static
                 (the next group starts when the whole group has finished; "padded" also keeps computing
@@ -121,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     no_cache = timed(generate_without_cache, max(2, args.reps // 10), device)
 
     sched = scheduling(engine, args, rng)
+    graph_rows = cuda_graph_steps(artifact, args, rng) if device.type == "cuda" else []
 
     card = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({platform.processor() or 'x86_64'})"
     print(f"\nbench-engine  {datetime.date.today()}  {card}  torch {torch.__version__}  "
@@ -143,8 +145,33 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {name} | {steps} | {seconds:.2f} | {sched['items'] / seconds:.0f} |")
     print(f"\ncontinuous / static throughput: {sched['static'][1] / sched['continuous'][1]:.2f}x; "
           f"continuous / static padded: {sched['static, padded'][1] / sched['continuous'][1]:.2f}x")
+    if graph_rows:
+        print("\ndecode step (greedy, histories of 100), eager against CUDA graphs:\n")
+        print("| batch | eager ms | CUDA graph ms | speed-up |\n|--:|--:|--:|--:|")
+        for batch, eager_ms, graph_ms in graph_rows:
+            print(f"| {batch} | {eager_ms:.3f} | {graph_ms:.3f} | {eager_ms / graph_ms:.2f}x |")
+    else:
+        print("\nCUDA graphs: not measured (needs --device cuda)")
     print("reproduce: python -m benchmarks.engine " + " ".join(sys.argv[1:]))
     return 0
+
+
+def cuda_graph_steps(artifact, args, rng: np.random.Generator) -> list[tuple[int, float, float]]:
+    """Median ms of one Decode step of B generations, eager and through a CUDA graph (same states)."""
+    device = torch.device(args.device)
+    eager, graphed = Engine(artifact, device), Engine(artifact, device, cuda_graphs=True)
+    rows = []
+    for batch in (1, 2, 4, 8):
+        decodes = []
+        for _ in range(batch):
+            items = rng.integers(1, eager.num_items + 1, 100).astype(np.int64)
+            stamps = np.cumsum(rng.integers(0, 3600, 100)).astype(np.int64)
+            (done,) = eager.compute([Prefill(None, items, stamps, 100)])
+            decodes.append(Decode(done.state, np.unique(items), 0.0, int(stamps[-1])))
+        eager_ms = timed(lambda work=decodes: eager.compute(work), args.reps * 5, device)
+        graph_ms = timed(lambda work=decodes: graphed.compute(work), args.reps * 5, device)
+        rows.append((batch, eager_ms, graph_ms))
+    return rows
 
 
 def scheduling(engine: Engine, args, rng: np.random.Generator) -> dict:

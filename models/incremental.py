@@ -132,6 +132,86 @@ def _block_extend(
     return block.output(x, u, av), k_all, v_all
 
 
+@dataclass(frozen=True)
+class PaddedCaches:
+    """B prefix states padded to one length: the fixed-shape input of ``decode_padded``.
+
+    Attributes:
+        keys, values: per block [B, n, H, dqk] / [B, n, H, dv]; rows past a state's length are ignored.
+        timestamps: [B, n] int64.
+        lengths: [B] int64 cached tokens per row; 0 marks a padding row (its outputs are ignored).
+    """
+
+    keys: tuple[torch.Tensor, ...]
+    values: tuple[torch.Tensor, ...]
+    timestamps: torch.Tensor
+    lengths: torch.Tensor
+
+    @staticmethod
+    def allocate(encoder: HSTU, batch: int, length: int, device: torch.device | str) -> PaddedCaches:
+        keys = tuple(torch.zeros(batch, length, b.num_heads, b.attention_dim, device=device) for b in encoder.blocks)
+        values = tuple(torch.zeros(batch, length, b.num_heads, b.linear_dim, device=device) for b in encoder.blocks)
+        long = torch.zeros(batch, length, dtype=torch.int64, device=device)
+        return PaddedCaches(keys, values, long, torch.zeros(batch, dtype=torch.int64, device=device))
+
+    def fill(self, states: list[PrefixState]) -> None:
+        """Copies ``states`` into rows 0..len(states)-1 (in place, so CUDA-graph buffers stay put); the
+        other rows become padding."""
+        self.lengths.zero_()
+        for b, s in enumerate(states):
+            n = s.length
+            for dst, src in zip(self.keys + self.values, s.keys + s.values, strict=True):
+                dst[b, :n] = src
+            self.timestamps[b, :n] = s.timestamps
+            self.lengths[b] = n
+
+
+def decode_padded(
+    encoder: HSTU, item_table: torch.Tensor, items: torch.Tensor, timestamps: torch.Tensor, caches: PaddedCaches
+) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """One new token per row after its cached prefix, fixed shapes and no host synchronisation (so a
+    CUDA graph can capture it). Each new token attends to its row's cache (masked past ``lengths``)
+    and to itself, at position ``lengths``.
+
+    Returns ([B, d] L2-normalised outputs, per block the new tokens' keys [B, H, dqk] and values [B, H, dv]).
+    """
+    lengths = caches.lengths
+    n = caches.timestamps.shape[1]
+    j = torch.arange(n, device=item_table.device)[None, :]
+    valid = (j < lengths[:, None])[:, None, :]  # [B, 1, n]
+    x = item_table[items] * encoder.input.scale + encoder.input.position_embeddings[lengths]
+    new_keys, new_values = [], []
+    for layer, block in enumerate(encoder.blocks):
+        h, dqk, dv = block.num_heads, block.attention_dim, block.linear_dim
+        u, v, q, k = block.project(x)
+        q, k, v = q.reshape(-1, h, dqk), k.reshape(-1, h, dqk), v.reshape(-1, h, dv)
+        rel = (j - lengths[:, None] + block.max_seq_len - 1).clamp(0, 2 * block.max_seq_len - 2)
+        gap = time_gap_bucket(timestamps[:, None] - caches.timestamps, block.time_bucket_scale,
+                              block.time_weights.numel() - 1)
+        bias = block.pos_weights[rel] + block.time_weights[gap]  # [B, n]
+        history = torch.einsum("bhd,bnhd->bhn", q, caches.keys[layer]) + bias[:, None, :]
+        history_w = torch.where(valid, F.silu(history), 0.0) / block.max_seq_len
+        self_w = F.silu((q * k).sum(-1) + block.pos_weights[block.max_seq_len - 1] + block.time_weights[0])
+        av = torch.einsum("bhn,bnhd->bhd", history_w, caches.values[layer])
+        av = av + (self_w / block.max_seq_len)[..., None] * v
+        x = block.output(x, u, av.reshape(-1, h * dv))
+        new_keys.append(k)
+        new_values.append(v)
+    return l2_normalize(x, encoder.eps), new_keys, new_values
+
+
+def append_decoded(states: list[PrefixState], items: torch.Tensor, timestamps: torch.Tensor, out: torch.Tensor,
+                   new_keys: list[torch.Tensor], new_values: list[torch.Tensor]) -> list[PrefixState]:
+    """The states after ``decode_padded``: each one's cache plus its new token (rows 0..len(states)-1)."""
+    return [
+        PrefixState(torch.cat([s.items, items[b : b + 1]]), torch.cat([s.timestamps, timestamps[b : b + 1]]),
+                    tuple(torch.cat([c, k[b : b + 1]]) for c, k in zip(s.keys, new_keys, strict=True)),
+                    tuple(torch.cat([c, v[b : b + 1]]) for c, v in zip(s.values, new_values, strict=True)),
+                    out[b].clone())
+        for b, s in enumerate(states)
+    ]
+
+
 def extend_one_each(
     encoder: HSTU,
     item_table: torch.Tensor,
@@ -148,43 +228,12 @@ def extend_one_each(
     if encoder.training:
         raise RuntimeError("extend_one_each() is for inference: call encoder.eval() first")
     max_len = encoder.input.position_embeddings.shape[0]
-    lengths = torch.tensor([s.length for s in states], device=item_table.device)
     if any(s.length == 0 or s.length >= max_len for s in states):
         raise ValueError(f"every state needs 1 .. {max_len - 1} cached tokens to take one more")
-    n = int(lengths.max()) + 1
-    all_timestamps = [torch.cat([s.timestamps, timestamps[b : b + 1]]) for b, s in enumerate(states)]
-    ts = torch.nn.utils.rnn.pad_sequence(all_timestamps, batch_first=True)  # [B, n]
-    j = torch.arange(n, device=item_table.device)[None, :]
-    valid = j <= lengths[:, None]  # [B, n]: the cached tokens and the new one
-    x = item_table[items] * encoder.input.scale + encoder.input.position_embeddings[lengths]
-    keys: list[list[torch.Tensor]] = [[] for _ in states]
-    values: list[list[torch.Tensor]] = [[] for _ in states]
-    for layer, block in enumerate(encoder.blocks):
-        h, dqk, dv = block.num_heads, block.attention_dim, block.linear_dim
-        u, v, q, k = block.project(x)
-        k_all = [torch.cat([s.keys[layer], k[b].reshape(1, h, dqk)]) for b, s in enumerate(states)]
-        v_all = [torch.cat([s.values[layer], v[b].reshape(1, h, dv)]) for b, s in enumerate(states)]
-        k_pad = torch.nn.utils.rnn.pad_sequence(k_all, batch_first=True)  # [B, n, H, dqk]
-        v_pad = torch.nn.utils.rnn.pad_sequence(v_all, batch_first=True)
-        rel = j - lengths[:, None] + block.max_seq_len - 1  # [B, n]; clamped where masked anyway
-        dt = ts.gather(1, lengths[:, None]) - ts
-        bias = block.pos_weights[rel.clamp(0, 2 * block.max_seq_len - 2)] + block.time_weights[
-            time_gap_bucket(dt, block.time_bucket_scale, block.time_weights.numel() - 1)
-        ]
-        scores = torch.einsum("bhd,bnhd->bhn", q.reshape(-1, h, dqk), k_pad) + bias[:, None, :]
-        weights = F.silu(scores) * valid[:, None, :] / block.max_seq_len
-        av = torch.einsum("bhn,bnhd->bhd", weights, v_pad).reshape(-1, h * dv)
-        x = block.output(x, u, av)
-        for b in range(len(states)):
-            keys[b].append(k_all[b])
-            values[b].append(v_all[b])
-    out = l2_normalize(x, encoder.eps)
-    new_states = [
-        PrefixState(torch.cat([s.items, items[b : b + 1]]), all_timestamps[b], tuple(keys[b]), tuple(values[b]),
-                    out[b].clone())
-        for b, s in enumerate(states)
-    ]
-    return out, new_states
+    caches = PaddedCaches.allocate(encoder, len(states), max(s.length for s in states), item_table.device)
+    caches.fill(states)
+    out, new_keys, new_values = decode_padded(encoder, item_table, items, timestamps, caches)
+    return out, append_decoded(states, items, timestamps, out, new_keys, new_values)
 
 
 def extend_candidates(

@@ -25,7 +25,7 @@ import torch
 
 from models.config import EncoderType, ModelConfig
 from models.embeddings import l2_normalize
-from models.incremental import PrefixState, extend, extend_candidates, extend_one_each
+from models.incremental import PrefixState, append_decoded, extend, extend_candidates, extend_one_each
 from models.recommender import build_encoder, encode_histories, score_items
 from serving.artifact import Artifact
 from serving.batcher import Continue
@@ -129,10 +129,11 @@ class Engine:
     """Holds the encoder and the item vectors; ``compute`` is called from one thread at a time.
 
     ``kv_cache_bytes`` > 0 keeps per-user keys/values (HSTU only) for ``Prefill`` work items.
+    ``cuda_graphs`` replays decode steps as CUDA graphs (``serving.cuda_graphs``; CUDA and HSTU only).
     """
 
     def __init__(self, artifact: Artifact, device: str | torch.device = "cpu", kv_cache_bytes: int = 0,
-                 metrics=None):
+                 metrics=None, cuda_graphs: bool = False):
         self.device = torch.device(device)
         self.config = ModelConfig(**artifact.model_config)
         if getattr(self.config, "rating_embeddings", False):
@@ -146,6 +147,11 @@ class Engine:
         self.item_table = artifact.item_embeddings.to(self.device)
         self.incremental = self.config.encoder is EncoderType.HSTU
         self.cache = KVCache(kv_cache_bytes, metrics) if kv_cache_bytes > 0 and self.incremental else None
+        self.graphs = None
+        if cuda_graphs and self.device.type == "cuda" and self.incremental:
+            from serving.cuda_graphs import DecodeGraphs
+
+            self.graphs = DecodeGraphs(self.encoder, self.item_table)
         # Normalised once here rather than per batch: it is the right operand of every score.
         self.item_vectors = l2_normalize(self.item_table, self.config.l2_norm_eps)
 
@@ -260,7 +266,12 @@ class Engine:
         if room:
             ids = torch.tensor([chosen[b][0] for b in room], dtype=torch.int64, device=self.device)
             stamps = torch.tensor([decodes[b].timestamp for b in room], dtype=torch.int64, device=self.device)
-            _, extended = extend_one_each(self.encoder, self.item_table, ids, stamps, [decodes[b].state for b in room])
+            room_states = [decodes[b].state for b in room]
+            graphed = self.graphs(ids, stamps, room_states) if self.graphs is not None else None
+            if graphed is None:
+                _, extended = extend_one_each(self.encoder, self.item_table, ids, stamps, room_states)
+            else:
+                extended = append_decoded(room_states, ids, stamps, *graphed)
             for b, st in zip(room, extended, strict=True):
                 states[b] = st
         for b, d in enumerate(decodes):

@@ -83,6 +83,7 @@ class ServerConfig:
         kv_cache_mb: per-user KV cache (HSTU) of this many MiB; 0 computes every history in full.
         prefill_chunk_tokens: with the cache, a history is computed at most this many tokens per
             model step, so a long one is prefilled over several steps beside short requests.
+        cuda_graphs: replay generation steps as CUDA graphs (CUDA only; eager elsewhere).
     """
 
     artifact: Path
@@ -103,6 +104,7 @@ class ServerConfig:
     device: str = "cpu"
     kv_cache_mb: float = 0.0
     prefill_chunk_tokens: int = 64
+    cuda_graphs: bool = False
 
     def grpc_options(self) -> list[tuple[str, int]]:
         ms = lambda s: int(s * 1000)
@@ -350,7 +352,7 @@ class RecommenderServer:
         def load() -> tuple[Engine, Catalogue]:
             artifact = load_artifact(cfg.artifact)
             engine = Engine(artifact, cfg.device, kv_cache_bytes=int(cfg.kv_cache_mb * (1 << 20)),
-                            metrics=self.metrics)
+                            metrics=self.metrics, cuda_graphs=cfg.cuda_graphs)
             engine.warm_up(cfg.batcher.max_batch_size)
             return engine, Catalogue.from_artifact(artifact)
 
@@ -423,6 +425,7 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerConfig:
     p.add_argument("--device", default=d.device)
     p.add_argument("--kv-cache-mb", type=float, default=d.kv_cache_mb, help="per-user KV cache; 0 disables it")
     p.add_argument("--prefill-chunk-tokens", type=int, default=d.prefill_chunk_tokens)
+    p.add_argument("--cuda-graphs", action="store_true", help="replay generation steps as CUDA graphs (CUDA only)")
     a = p.parse_args(argv)
     return ServerConfig(
         artifact=a.artifact, host=a.host, port=a.port, metrics_port=a.metrics_port,
@@ -430,7 +433,7 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerConfig:
         grace_s=a.grace_s, max_message_bytes=a.max_message_bytes, max_request_bytes=a.max_request_bytes,
         keepalive_time_s=a.keepalive_time_s, keepalive_timeout_s=a.keepalive_timeout_s,
         tls_cert=a.tls_cert, tls_key=a.tls_key, torch_threads=a.torch_threads, device=a.device,
-        kv_cache_mb=a.kv_cache_mb, prefill_chunk_tokens=a.prefill_chunk_tokens,
+        kv_cache_mb=a.kv_cache_mb, prefill_chunk_tokens=a.prefill_chunk_tokens, cuda_graphs=a.cuda_graphs,
     )
 
 

@@ -14,7 +14,14 @@ import torch
 
 from models.config import EncoderType, ModelConfig
 from models.hstu import HSTU
-from models.incremental import extend, extend_candidates
+from models.incremental import (
+    PaddedCaches,
+    append_decoded,
+    decode_padded,
+    extend,
+    extend_candidates,
+    extend_one_each,
+)
 from models.recommender import encode_histories, score_items
 from serving.artifact import load_artifact
 from serving.engine import Beam, BeamStep, Decode, Engine, Prefill, Score
@@ -342,3 +349,41 @@ def test_a_beam_wider_than_the_items_left_keeps_only_real_sequences(artifact) ->
     beams = beam_search(engine, prefill(engine, None, query(items, stamps)), banned, 2, 8, int(stamps[-1]))
     assert len(beams) == 6 and all(np.isfinite(b.log_prob) for b in beams)  # 3 x 2 ordered pairs
     assert {b.items for b in beams} == set(itertools.permutations(allowed, 2))
+
+
+def test_decode_in_a_bigger_padded_bucket_equals_the_exact_batch(artifact) -> None:
+    """What a CUDA graph bucket does: more rows and a longer cache than needed, the rest padding."""
+    engine = Engine(artifact)
+    states = [prefill(engine, None, query(*history(90 + i, n))) for i, n in enumerate([1, 9, MAX_LEN - 1])]
+    items = torch.tensor([4, 5, 6])
+    stamps = torch.stack([s.timestamps[-1] + 30 for s in states])
+    with torch.inference_mode():
+        want, want_states = extend_one_each(engine.encoder, engine.item_table, items, stamps, states)
+        caches = PaddedCaches.allocate(engine.encoder, 8, MAX_LEN + 8, "cpu")
+        for t in caches.keys + caches.values:
+            t.normal_()  # stale rows from an earlier step must not leak in
+        caches.fill(states)
+        padded_items = torch.cat([items, torch.zeros(5, dtype=torch.int64)])
+        padded_stamps = torch.cat([stamps, torch.zeros(5, dtype=torch.int64)])
+        out, keys, values = decode_padded(engine.encoder, engine.item_table, padded_items, padded_stamps, caches)
+        got_states = append_decoded(states, items, stamps, out[:3], [k[:3] for k in keys], [v[:3] for v in values])
+    torch.testing.assert_close(out[:3], want, rtol=1e-5, atol=1e-5)
+    for got, exp in zip(got_states, want_states, strict=True):
+        for a, b in zip(got.keys + got.values, exp.keys + exp.values, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
+def test_cuda_graph_decode_steps_equal_eager_ones(artifact) -> None:
+    eager, graphed = Engine(artifact, "cuda"), Engine(artifact, "cuda", cuda_graphs=True)
+    states = [prefill(eager, None, query(*history(100 + i, n))) for i, n in enumerate([1, 5, 17, MAX_LEN - 1])]
+    banned = np.array([1, 2])
+    for _ in range(3):
+        decodes = [Decode(s, banned, 0.0, int(s.timestamps[-1])) for s in states]
+        want, got = eager.compute(decodes), graphed.compute(decodes)
+        for w, g in zip(want, got, strict=True):
+            assert w.item == g.item
+            torch.testing.assert_close(g.state.user, w.state.user, rtol=1e-4, atol=1e-4)
+        states = [w.state for w in want if w.state.length < MAX_LEN]
+    assert graphed.graphs.replays >= 3
