@@ -5,6 +5,8 @@ Examples::
     python -m serving.client --user 42                                 # a known user, by id alone
     python -m serving.client --history 1193@978300760,661@978302109 --top-k 5
     python -m serving.client --user 42 --candidates 1193,661,914 --stream
+    python -m serving.client --user 42 --append 2858@978400000            # AppendEvents, then recommend
+    python -m serving.client --user 42 --generate 10 [--beam-width 4 | --temperature 0.5 --seed 7]
 """
 
 from __future__ import annotations
@@ -65,6 +67,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--chunk-size", type=int, default=0)
     p.add_argument("--timeout", type=float, default=5.0, help="deadline in seconds")
     p.add_argument("--tls-ca", type=Path, default=None, help="PEM root certificate for TLS")
+    p.add_argument("--append", type=parse_history, default=[],
+                   help="item@timestamp,... to add to --user's server-side history first (AppendEvents)")
+    p.add_argument("--generate", type=int, default=0, help="stream this many generated items (Generate)")
+    p.add_argument("--temperature", type=float, default=0.0, help="Generate: 0 greedy, else sampled")
+    p.add_argument("--seed", type=int, default=0, help="Generate: the sampler's seed")
+    p.add_argument("--beam-width", type=int, default=0, help="Generate: beam search with this many beams")
     a = p.parse_args(argv)
 
     request = pb.RecommendRequest(user_id=a.user, history=a.history, top_k=a.top_k, exclude_item_ids=a.exclude,
@@ -72,6 +80,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     with make_channel(a.address, a.tls_ca) as channel:
         stub = pb_grpc.RecommenderServiceStub(channel)
         try:
+            if a.append:
+                reply = stub.AppendEvents(pb.AppendEventsRequest(user_id=a.user, events=a.append), timeout=a.timeout)
+                print(f"user {a.user!r} now has {reply.history_length} events", file=sys.stderr)
+            if a.generate:
+                generate = pb.GenerateRequest(context=request, num_items=a.generate, temperature=a.temperature,
+                                              seed=a.seed, beam_width=a.beam_width)
+                for g in stub.Generate(generate, timeout=a.timeout):  # printed as each item arrives
+                    if g.step == 0:
+                        print(f"{'step':>4}  {'item':>8}  {'score':>7}  title")
+                    print(f"{g.step + 1:>4}  {g.item.item_id:>8}  {g.item.score:>7.4f}  {g.item.title}", flush=True)
+                return 0
             if a.stream:
                 responses = list(stub.RecommendStream(request, timeout=a.timeout))
             else:

@@ -66,6 +66,12 @@ def test_serves_until_sigterm_then_goes_not_serving_and_exits_cleanly(artifact, 
             assert "model random-30x16-seed0" in out
             assert client_main(["--address", f"127.0.0.1:{port}", "--user", "nobody"]) == 1
             assert "INVALID_ARGUMENT: user_id" in capsys.readouterr().err
+            # AppendEvents, then Generate: five streamed rows.
+            assert client_main(["--address", f"127.0.0.1:{port}", "--user", "1", "--append", "1003@4000000000",
+                                "--generate", "5"]) == 0
+            captured = capsys.readouterr()
+            assert "now has" in captured.err
+            assert len(re.findall(r"^\s+[1-5]\s+10\d\d\s+-?\d\.\d{4}\s+Item \d+$", captured.out, re.MULTILINE)) == 5
 
             proc.send_signal(signal.SIGTERM)
             assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
