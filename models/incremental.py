@@ -148,22 +148,26 @@ class PaddedCaches:
     lengths: torch.Tensor
 
     @staticmethod
-    def allocate(encoder: HSTU, batch: int, length: int, device: torch.device | str) -> PaddedCaches:
-        keys = tuple(torch.zeros(batch, length, b.num_heads, b.attention_dim, device=device) for b in encoder.blocks)
-        values = tuple(torch.zeros(batch, length, b.num_heads, b.linear_dim, device=device) for b in encoder.blocks)
+    def allocate(encoder: HSTU, batch: int, length: int, device: torch.device | str,
+                 dtype: torch.dtype | None = None) -> PaddedCaches:
+        dtype = dtype or encoder.input.position_embeddings.dtype
+        keys = tuple(torch.zeros(batch, length, b.num_heads, b.attention_dim, device=device, dtype=dtype)
+                     for b in encoder.blocks)
+        values = tuple(torch.zeros(batch, length, b.num_heads, b.linear_dim, device=device, dtype=dtype)
+                       for b in encoder.blocks)
         long = torch.zeros(batch, length, dtype=torch.int64, device=device)
         return PaddedCaches(keys, values, long, torch.zeros(batch, dtype=torch.int64, device=device))
 
     def fill(self, states: list[PrefixState]) -> None:
         """Copies ``states`` into rows 0..len(states)-1 (in place, so CUDA-graph buffers stay put); the
         other rows become padding."""
-        self.lengths.zero_()
+        lengths = torch.zeros(self.lengths.shape[0], dtype=torch.int64)
         for b, s in enumerate(states):
-            n = s.length
+            n = lengths[b] = s.length
             for dst, src in zip(self.keys + self.values, s.keys + s.values, strict=True):
                 dst[b, :n] = src
             self.timestamps[b, :n] = s.timestamps
-            self.lengths[b] = n
+        self.lengths.copy_(lengths)  # one host-to-device copy
 
 
 def decode_padded(
@@ -180,14 +184,16 @@ def decode_padded(
     j = torch.arange(n, device=item_table.device)[None, :]
     valid = (j < lengths[:, None])[:, None, :]  # [B, 1, n]
     x = item_table[items] * encoder.input.scale + encoder.input.position_embeddings[lengths]
+    # The relative-position and time-bucket indices are the same in every block (one config).
+    first = encoder.blocks[0]
+    rel = (j - lengths[:, None] + first.max_seq_len - 1).clamp(0, 2 * first.max_seq_len - 2)
+    gap = time_gap_bucket(timestamps[:, None] - caches.timestamps, first.time_bucket_scale,
+                          first.time_weights.numel() - 1)
     new_keys, new_values = [], []
     for layer, block in enumerate(encoder.blocks):
         h, dqk, dv = block.num_heads, block.attention_dim, block.linear_dim
         u, v, q, k = block.project(x)
         q, k, v = q.reshape(-1, h, dqk), k.reshape(-1, h, dqk), v.reshape(-1, h, dv)
-        rel = (j - lengths[:, None] + block.max_seq_len - 1).clamp(0, 2 * block.max_seq_len - 2)
-        gap = time_gap_bucket(timestamps[:, None] - caches.timestamps, block.time_bucket_scale,
-                              block.time_weights.numel() - 1)
         bias = block.pos_weights[rel] + block.time_weights[gap]  # [B, n]
         history = torch.einsum("bhd,bnhd->bhn", q, caches.keys[layer]) + bias[:, None, :]
         history_w = torch.where(valid, F.silu(history), 0.0) / block.max_seq_len
@@ -230,7 +236,8 @@ def extend_one_each(
     max_len = encoder.input.position_embeddings.shape[0]
     if any(s.length == 0 or s.length >= max_len for s in states):
         raise ValueError(f"every state needs 1 .. {max_len - 1} cached tokens to take one more")
-    caches = PaddedCaches.allocate(encoder, len(states), max(s.length for s in states), item_table.device)
+    caches = PaddedCaches.allocate(encoder, len(states), max(s.length for s in states), item_table.device,
+                                   states[0].keys[0].dtype)
     caches.fill(states)
     out, new_keys, new_values = decode_padded(encoder, item_table, items, timestamps, caches)
     return out, append_decoded(states, items, timestamps, out, new_keys, new_values)

@@ -337,6 +337,8 @@ class Engine:
         )
         for size in sorted({1, max_batch_size}):
             self.compute([query] * size)
+        if self.graphs is not None:
+            log.info("captured %d CUDA graphs of the decode step", self.graphs.capture(max_batch_size))
         elapsed = time.perf_counter() - start
         log.info("warm-up took %.2fs", elapsed)
         return elapsed
