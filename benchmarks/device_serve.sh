@@ -16,7 +16,7 @@ timeout 240 python3 -m pytest -q -m gpu tests/test_serving_kv_cache.py tests/tes
   | tee "$OUT/gpu-tests.txt"
 timeout 120 python3 -m benchmarks.engine --device cuda $art 2>&1 | quiet | tee "$OUT/bench-engine.txt"
 timeout 60 python3 -m benchmarks.serve --suite engine --device cuda $art 2>&1 | quiet | tee "$OUT/serve-engine.txt"
-timeout 120 python3 -m benchmarks.serve --suite compare --device cuda --duration 3 --bisect-steps 4 $art 2>&1 | quiet \
+timeout 180 python3 -m benchmarks.serve --suite compare --device cuda --duration 3 --bisect-steps 5 $art 2>&1 | quiet \
   | tee "$OUT/serve-compare.txt"
 timeout 90 python3 -m benchmarks.serve --suite chunking --device cuda --duration 5 --qps 200 $art 2>&1 | quiet \
   | tee "$OUT/serve-chunking.txt"

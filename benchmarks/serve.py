@@ -25,6 +25,8 @@ import argparse
 import asyncio
 import collections
 import datetime
+import functools
+import multiprocessing
 import os
 import platform
 import re
@@ -35,6 +37,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -178,11 +181,14 @@ def history_requests(length: int, num_items: int, seed: int) -> Iterator[pb.Reco
 
 
 async def closed_loop(address: str, concurrency: int, duration: float, timeout: float, num_users: int, top_k: int,
-                      label: str, source: Iterator[pb.RecommendRequest] | None = None) -> LoadResult:
+                      label: str, source: Iterator[pb.RecommendRequest] | None = None,
+                      start_at: float | None = None) -> LoadResult:
     result = LoadResult(label, "closed", f"c={concurrency}", duration, collections.Counter(), [])
     source = source or requests(num_users, top_k)
     async with grpc.aio.insecure_channel(address) as channel:
         stub = pb_grpc.RecommenderServiceStub(channel)
+        if start_at is not None and (wait := start_at - time.time()) > 0:
+            await asyncio.sleep(wait)
         stop_at = time.perf_counter() + duration
 
         async def caller() -> None:
@@ -194,16 +200,18 @@ async def closed_loop(address: str, concurrency: int, duration: float, timeout: 
 
 
 async def open_loop(address: str, qps: float, duration: float, timeout: float, num_users: int, top_k: int,
-                    label: str, on_tick=None, source: Iterator[pb.RecommendRequest] | None = None) -> LoadResult:
-    """Sends at a fixed rate (evenly spaced); each latency counts from the request's scheduled time."""
+                    label: str, on_tick=None, source: Iterator[pb.RecommendRequest] | None = None,
+                    start_at: float | None = None, phase: float = 0.0) -> LoadResult:
+    """Sends at a fixed rate (evenly spaced); each latency counts from the request's scheduled time.
+    ``start_at`` (a ``time.time()``) and ``phase`` (seconds) interleave several client processes."""
     result = LoadResult(label, "open", f"{qps:.0f}/s", duration, collections.Counter(), [])
     source = source or requests(num_users, top_k)
     async with grpc.aio.insecure_channel(address) as channel:
         stub = pb_grpc.RecommenderServiceStub(channel)
-        start = time.perf_counter()
+        start = time.perf_counter() + phase + (0.0 if start_at is None else max(0.0, start_at - time.time()))
         tasks: set[asyncio.Task[None]] = set()
         next_tick = 0.0
-        for i in range(int(qps * duration)):
+        for i in range(int(qps * (duration - phase))):
             scheduled = start + i / qps
             if (delay := scheduled - time.perf_counter()) > 0:
                 await asyncio.sleep(delay)
@@ -217,6 +225,46 @@ async def open_loop(address: str, qps: float, duration: float, timeout: float, n
     return result
 
 
+# One Python gRPC client process tops out near a thousand RPCs a second, about what the server
+# serves: a single-process load generator would measure itself. Closed and open loops of known-user
+# requests are spread over --client-procs processes (spawned once, reused) and merged.
+_POOL: ProcessPoolExecutor | None = None
+
+
+def _load_part(mode: str, address: str, level: float, duration: float, timeout: float, num_users: int,
+               top_k: int, label: str, seed: int, start_at: float, phase: float) -> LoadResult:
+    source = requests(num_users, top_k, seed)
+    if mode == "closed":
+        return asyncio.run(closed_loop(address, int(level), duration, timeout, num_users, top_k, label, source,
+                                       start_at=start_at))
+    return asyncio.run(open_loop(address, level, duration, timeout, num_users, top_k, label, source=source,
+                                 start_at=start_at, phase=phase))
+
+
+def load(args: argparse.Namespace, mode: str, address: str, level: float, duration: float, label: str) -> LoadResult:
+    """A closed (``level`` callers) or open (``level`` requests/s) loop over the client processes."""
+    global _POOL
+    procs = max(1, min(args.client_procs, int(level))) if mode == "closed" else args.client_procs
+    if procs == 1:
+        return _load_part(mode, address, level, duration, args.timeout, args.num_users, args.top_k, label, 0,
+                          time.time(), 0.0)
+    if _POOL is None:
+        _POOL = ProcessPoolExecutor(args.client_procs, mp_context=multiprocessing.get_context("spawn"))
+        list(_POOL.map(time.sleep, [0.5] * args.client_procs))  # every worker started and imported
+    start_at = time.time() + 0.3
+    if mode == "closed":  # the callers split as evenly as they go
+        levels = [int(level) // procs + (k < int(level) % procs) for k in range(procs)]
+        phases = [0.0] * procs
+    else:  # each process sends every procs-th request of one evenly spaced stream
+        levels, phases = [level / procs] * procs, [k / level for k in range(procs)]
+    parts = list(_POOL.map(functools.partial(_load_part, mode, address), levels, [duration] * procs,
+                           [args.timeout] * procs, [args.num_users] * procs, [args.top_k] * procs,
+                           [label] * procs, range(procs), [start_at] * procs, phases))
+    offered = f"c={int(level)}" if mode == "closed" else f"{level:.0f}/s"
+    return LoadResult(label, mode, offered, duration, sum((p.codes for p in parts), collections.Counter()),
+                      [x for p in parts for x in p.latencies_ms])
+
+
 # --- suites --------------------------------------------------------------------------------------
 def server_for(args: argparse.Namespace, artifact: Path, batch_size: int) -> ServerProcess:
     return ServerProcess(artifact, batch_size, args.max_queue_delay_ms, args.max_queue_size, args.torch_threads,
@@ -225,9 +273,8 @@ def server_for(args: argparse.Namespace, artifact: Path, batch_size: int) -> Ser
 
 def saturation(args, server: ServerProcess, label: str) -> LoadResult:
     address = f"127.0.0.1:{server.port}"
-    asyncio.run(closed_loop(address, args.concurrency, 2.0, args.timeout, args.num_users, args.top_k, label))  # warm
-    return asyncio.run(closed_loop(address, args.concurrency, args.duration, args.timeout, args.num_users,
-                                   args.top_k, label))
+    load(args, "closed", address, args.concurrency, 2.0, label)  # warm-up
+    return load(args, "closed", address, args.concurrency, args.duration, label)
 
 
 def suite_compare(args, artifact: Path) -> list[LoadResult]:
@@ -243,8 +290,7 @@ def suite_compare(args, artifact: Path) -> list[LoadResult]:
             lo, hi = 0.0, 1.0
             for fraction in [args.bisect_from] + [None] * (args.bisect_steps - 1):
                 fraction = fraction if fraction is not None else (lo + hi) / 2
-                r = asyncio.run(open_loop(f"127.0.0.1:{server.port}", fraction * sat.throughput, args.duration,
-                                          args.timeout, args.num_users, args.top_k, label))
+                r = load(args, "open", f"127.0.0.1:{server.port}", fraction * sat.throughput, args.duration, label)
                 rows.append(r)
                 if r.all_ok and r.percentile(99) <= args.p99_bound_ms:
                     lo, best[label] = fraction, max(best[label], r.throughput)
@@ -381,6 +427,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bisect-from", type=float, default=0.5,
                    help="first open-loop rate tried, as a fraction of the closed-loop saturation (suite compare)")
     p.add_argument("--bisect-steps", type=int, default=5, help="open-loop rates tried per server (suite compare)")
+    p.add_argument("--client-procs", type=int, default=max(1, min(4, (os.cpu_count() or 1) // 4)),
+                   help="load-generator processes (suites compare, closed, open)")
     p.add_argument("--soak-s", type=float, default=60.0)
     p.add_argument("--soak-factor", type=float, default=4.0)
     args = p.parse_args(argv)
@@ -399,14 +447,15 @@ def main(argv: list[str] | None = None) -> int:
     else:
         with server_for(args, artifact, args.max_batch_size) as server:
             address = f"127.0.0.1:{server.port}"
-            common = (args.duration, args.timeout, args.num_users, args.top_k, f"max batch {args.max_batch_size}")
-            rows = [asyncio.run(closed_loop(address, args.concurrency, *common) if args.suite == "closed"
-                                else open_loop(address, args.qps, *common))]
+            level = args.concurrency if args.suite == "closed" else args.qps
+            rows = [load(args, args.suite, address, level, args.duration, f"max batch {args.max_batch_size}")]
+    if _POOL is not None:
+        _POOL.shutdown()
     if rows:
         print_table(rows)
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    loadavg = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     print(f"\n{platform.node()}: {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, "
-          f"load average {load}, {datetime.date.today()}")
+          f"load average {loadavg}, {datetime.date.today()}")
     print("reproduce: " + shlex.join([sys.executable.replace(str(ROOT) + "/", ""), "-m", "benchmarks.serve",
                                       *(argv if argv is not None else sys.argv[1:])]))
     return 0 if passed else 1
