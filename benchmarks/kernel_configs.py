@@ -1,0 +1,78 @@
+"""One Triton config at a time for each HSTU attention kernel (GPU): which tile shapes are fastest.
+
+    python -m benchmarks.kernel_configs [--n 4096]
+
+For each candidate config of one kernel (the other two keep their first candidate), times the
+forward (fwd kernel) or forward+backward (dq, dkdv kernels) on ``benchmarks.kernel``'s batch
+(~512K tokens, lengths uniform in [N/2, N], H=4, d=128, bf16, no bias), end to end with
+``triton.testing.do_bench`` and, for the forward, also replayed from a CUDA graph (GPU time alone,
+no host work). A config that fails to compile (shared memory, registers) is reported and skipped.
+The winners belong in ``_CONFIGS`` of ``models/ops/hstu_attention_triton.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+import triton
+
+from benchmarks.kernel import flops_fwd, make_batch
+from models.ops import hstu_attention_triton as hat
+
+C = hat._cfg
+CANDIDATES = {
+    "fwd": [C(128, 64, 8, 3), C(128, 64, 8, 2, maxnreg=128), C(128, 32, 8, 3, maxnreg=128), C(128, 32, 8, 4, maxnreg=128),
+            C(128, 64, 8, 4), C(128, 128, 8, 2), C(128, 128, 8, 3), C(128, 64, 4, 3), C(256, 64, 8, 2),
+            C(256, 32, 8, 3), C(128, 32, 4, 3), C(64, 64, 4, 3), C(128, 64, 8, 3, maxnreg=168)],
+    "dq": [C(128, 64, 8, 3), C(128, 32, 8, 3), C(128, 32, 8, 3, maxnreg=128), C(128, 128, 8, 2), C(64, 64, 4, 3),
+           C(128, 64, 8, 2, maxnreg=128), C(128, 64, 4, 3)],
+    "dkdv": [C(32, 128, 8, 3, True), C(64, 128, 8, 2, True), C(64, 128, 8, 3, True), C(32, 128, 4, 3, True),
+             C(64, 64, 4, 3, True), C(128, 128, 8, 2, True), C(64, 128, 8, 2, True, maxnreg=128)],
+}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n", type=int, default=4096)
+    p.add_argument("--kernels", nargs="+", default=["fwd", "dq", "dkdv"])
+    args = p.parse_args(argv)
+    os.environ["HSTU_ATTN_AUTOTUNE"] = "0"
+    b = make_batch(args.n, 512 * 1024, 4, 128, torch.bfloat16, False, 0)
+    fl = flops_fwd(b["lengths"], 4, 128)
+    default = {k: list(v["plain"]) for k, v in hat._CONFIGS.items()}
+
+    def fwd():
+        return hat.hstu_attention_triton(b["q"], b["k"], b["v"], b["offsets"], b["n_max"], b["alpha"])
+
+    print(f"{torch.cuda.get_device_name()}  N={args.n}  tokens={b['q'].shape[0]}  forward {fl / 1e12:.3f} TFLOP")
+    print("| kernel | config | ms (end to end) | TFLOP/s | ms (CUDA graph) | TFLOP/s |\n|---|---|--:|--:|--:|--:|")
+    for which in args.kernels:
+        for cfg in CANDIDATES[which]:
+            hat._CONFIGS[which]["plain"] = [cfg]
+            try:
+                if which == "fwd":
+                    with torch.no_grad():
+                        ms = triton.testing.do_bench(fwd, return_mode="median")
+                        graph_ms = triton.testing.do_bench_cudagraph(fwd, return_mode="median")
+                    mult = 1.0
+                else:
+                    leaves = [t.requires_grad_(True) for t in (b["q"], b["k"], b["v"])]
+                    ms = triton.testing.do_bench(lambda: fwd().backward(b["do"]), grad_to_none=leaves,
+                                                 return_mode="median")
+                    graph_ms, mult = float("nan"), 3.5
+                    for t in leaves:
+                        t.requires_grad_(False)
+            except Exception as e:  # noqa: BLE001 (a config the compiler refuses is a result too)
+                print(f"| {which} | {cfg} | failed: {str(e).splitlines()[0][:60]} | | | |", flush=True)
+                continue
+            finally:
+                hat._CONFIGS[which]["plain"] = default[which]
+            print(f"| {which} | {cfg} | {ms:.3f} | {mult * fl / ms / 1e9:.1f} | {graph_ms:.3f} | "
+                  f"{fl / graph_ms / 1e9:.1f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
