@@ -129,7 +129,8 @@ class Engine:
     """Holds the encoder and the item vectors; ``compute`` is called from one thread at a time.
 
     ``kv_cache_bytes`` > 0 keeps per-user keys/values (HSTU only) for ``Prefill`` work items.
-    ``cuda_graphs`` replays decode steps as CUDA graphs (``serving.cuda_graphs``; CUDA and HSTU only).
+    ``cuda_graphs`` replays decode steps, and one-event Prefills of cached users, as CUDA graphs
+    (``serving.cuda_graphs``; CUDA and HSTU only).
     """
 
     def __init__(self, artifact: Artifact, device: str | torch.device = "cpu", kv_cache_bytes: int = 0,
@@ -216,26 +217,51 @@ class Engine:
 
     # --- the KV-cache path ----------------------------------------------------------------------
     def _prefills(self, prefills: Sequence[Prefill]) -> list[Prefilled | Continue]:
+        starts = [self._resume(p) for p in prefills]
+        extended = self._one_event_graphed(prefills, starts)
         out: list[Prefilled | Continue] = []
-        for p in prefills:
-            done = self._prefill(p)
+        for i, (p, state) in enumerate(zip(prefills, starts, strict=True)):
+            done = self._prefill(p, state, extended.get(i))
             out.append(Continue(replace(p, state=done.state)) if p.chain and done.remaining else done)
         return out
 
-    def _prefill(self, p: Prefill) -> Prefilled:
+    def _resume(self, p: Prefill) -> PrefixState | None:
+        """The state ``p`` continues from: its own, else the user's cached prefix, else none."""
         if not self.incremental:
             raise NotImplementedError("prefix states need an HSTU model")
         if p.budget < 1:
             raise ValueError(f"a Prefill needs a budget >= 1, got {p.budget}")
-        state = p.state
-        if state is None and p.key is not None and self.cache is not None:
-            state = self.cache.lookup(p.key, p.items, p.timestamps)
+        if p.state is None and p.key is not None and self.cache is not None:
+            return self.cache.lookup(p.key, p.items, p.timestamps)
+        return p.state
+
+    def _one_event_graphed(self, prefills: Sequence[Prefill], starts: Sequence[PrefixState | None]
+                           ) -> dict[int, PrefixState]:
+        """A known user's one new event is a decode step over the cached prefix: with CUDA graphs, all
+        such Prefills of the batch are replayed as one. Returns their extended states by position."""
+        if self.graphs is None:
+            return {}
+        one = [i for i, (p, st) in enumerate(zip(prefills, starts, strict=True))
+               if st is not None and len(p.items) - st.length == 1 and 0 < st.length < self.max_len]
+        if not one:
+            return {}
+        states = [starts[i] for i in one]
+        ids = torch.tensor([int(prefills[i].items[-1]) for i in one], dtype=torch.int64, device=self.device)
+        stamps = torch.tensor([int(prefills[i].timestamps[-1]) for i in one], dtype=torch.int64, device=self.device)
+        graphed = self.graphs(ids, stamps, states)
+        if graphed is None:
+            return {}
+        return dict(zip(one, append_decoded(states, ids, stamps, *graphed), strict=True))
+
+    def _prefill(self, p: Prefill, state: PrefixState | None, extended: PrefixState | None = None) -> Prefilled:
         n, start = len(p.items), 0 if state is None else state.length
         take = min(p.budget, n - start)
         if take > 0:
-            ids = torch.from_numpy(p.items[start : start + take]).to(self.device)
-            stamps = torch.from_numpy(p.timestamps[start : start + take]).to(self.device)
-            _, state = extend(self.encoder, self.item_table, ids, stamps, state)
+            if extended is None:
+                ids = torch.from_numpy(p.items[start : start + take]).to(self.device)
+                stamps = torch.from_numpy(p.timestamps[start : start + take]).to(self.device)
+                _, extended = extend(self.encoder, self.item_table, ids, stamps, state)
+            state = extended
             if p.key is not None and self.cache is not None:
                 self.cache.put(p.key, state)
         if state is None:

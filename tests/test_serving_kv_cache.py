@@ -391,3 +391,26 @@ def test_cuda_graph_decode_steps_equal_eager_ones(artifact) -> None:
                 torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
         want_states, got_states = [w.state for w in want], [g.state for g in got]
     assert graphed.graphs.replays == 3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
+def test_cuda_graph_one_event_prefills_equal_eager_ones(artifact) -> None:
+    """A cached user's one new event goes through the decode graph; the answers and states match eager."""
+    eager = Engine(artifact, "cuda", kv_cache_bytes=1 << 26)
+    graphed = Engine(artifact, "cuda", kv_cache_bytes=1 << 26, cuda_graphs=True)
+    users = [(f"u{i}", *history(200 + i, n)) for i, n in enumerate([2, 9, 40, MAX_LEN - 1])]
+    for engine in (eager, graphed):
+        for key, items, stamps in users:
+            prefill(engine, key, query(items[:-1], stamps[:-1]))
+    work = [Prefill(key, items, stamps, 64) for key, items, stamps in users]
+    want, got = eager.compute(work), graphed.compute(work)
+    assert graphed.graphs.replays == 1  # all four in one replay
+    for w, g, (_, items, stamps) in zip(want, got, users, strict=True):
+        assert w.computed == g.computed == 1 and g.remaining == 0
+        for a, b in zip(g.state.keys + g.state.values + (g.state.user,),
+                        w.state.keys + w.state.values + (w.state.user,), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        q = query(items, stamps)
+        (rw,), (rg,) = eager.compute([Score(w.state, q)]), graphed.compute([Score(g.state, q)])
+        np.testing.assert_array_equal(rw.items, rg.items)
