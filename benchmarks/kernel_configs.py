@@ -23,15 +23,47 @@ from models.ops import hstu_attention_triton as hat
 
 C = hat._cfg
 CANDIDATES = {
-    "fwd": [C(128, 64, 8, 3), C(128, 64, 8, 2, maxnreg=128), C(128, 32, 8, 3, maxnreg=128), C(128, 32, 8, 4, maxnreg=128),
-            C(128, 64, 8, 4), C(128, 128, 8, 2), C(128, 128, 8, 3), C(128, 64, 4, 3), C(256, 64, 8, 2),
-            C(256, 32, 8, 3), C(128, 32, 4, 3), C(64, 64, 4, 3), C(128, 64, 8, 3, maxnreg=168),
-            C(128, 32, 8, 5, maxnreg=128), C(128, 32, 8, 6, maxnreg=128), C(128, 32, 8, 4), C(128, 16, 8, 4, maxnreg=128),
-            C(128, 64, 8, 3, maxnreg=128), C(128, 64, 8, 4, maxnreg=128), C(256, 32, 8, 4), C(128, 32, 8, 4, maxnreg=96)],
-    "dq": [C(128, 64, 8, 3), C(128, 32, 8, 3), C(128, 32, 8, 3, maxnreg=128), C(128, 128, 8, 2), C(64, 64, 4, 3),
-           C(128, 64, 8, 2, maxnreg=128), C(128, 64, 4, 3)],
-    "dkdv": [C(32, 128, 8, 3, True), C(64, 128, 8, 2, True), C(64, 128, 8, 3, True), C(32, 128, 4, 3, True),
-             C(64, 64, 4, 3, True), C(128, 128, 8, 2, True), C(64, 128, 8, 2, True, maxnreg=128)],
+    "fwd": [
+        C(128, 64, 8, 3),
+        C(128, 64, 8, 2, maxnreg=128),
+        C(128, 32, 8, 3, maxnreg=128),
+        C(128, 32, 8, 4, maxnreg=128),
+        C(128, 64, 8, 4),
+        C(128, 128, 8, 2),
+        C(128, 128, 8, 3),
+        C(128, 64, 4, 3),
+        C(256, 64, 8, 2),
+        C(256, 32, 8, 3),
+        C(128, 32, 4, 3),
+        C(64, 64, 4, 3),
+        C(128, 64, 8, 3, maxnreg=168),
+        C(128, 32, 8, 5, maxnreg=128),
+        C(128, 32, 8, 6, maxnreg=128),
+        C(128, 32, 8, 4),
+        C(128, 16, 8, 4, maxnreg=128),
+        C(128, 64, 8, 3, maxnreg=128),
+        C(128, 64, 8, 4, maxnreg=128),
+        C(256, 32, 8, 4),
+        C(128, 32, 8, 4, maxnreg=96),
+    ],
+    "dq": [
+        C(128, 64, 8, 3),
+        C(128, 32, 8, 3),
+        C(128, 32, 8, 3, maxnreg=128),
+        C(128, 128, 8, 2),
+        C(64, 64, 4, 3),
+        C(128, 64, 8, 2, maxnreg=128),
+        C(128, 64, 4, 3),
+    ],
+    "dkdv": [
+        C(32, 128, 8, 3, True),
+        C(64, 128, 8, 2, True),
+        C(64, 128, 8, 3, True),
+        C(32, 128, 4, 3, True),
+        C(64, 64, 4, 3, True),
+        C(128, 128, 8, 2, True),
+        C(64, 128, 8, 2, True, maxnreg=128),
+    ],
 }
 
 
@@ -61,8 +93,9 @@ def main(argv=None) -> int:
                     mult = 1.0
                 else:
                     leaves = [t.requires_grad_(True) for t in (b["q"], b["k"], b["v"])]
-                    ms = triton.testing.do_bench(lambda: fwd().backward(b["do"]), grad_to_none=leaves,
-                                                 return_mode="median")
+                    ms = triton.testing.do_bench(
+                        lambda: fwd().backward(b["do"]), grad_to_none=leaves, return_mode="median"
+                    )
                     graph_ms, mult = float("nan"), 3.5
                     for t in leaves:
                         t.requires_grad_(False)
@@ -71,8 +104,11 @@ def main(argv=None) -> int:
                 continue
             finally:
                 hat._CONFIGS[which]["plain"] = default[which]
-            print(f"| {which} | {cfg} | {ms:.3f} | {mult * fl / ms / 1e9:.1f} | {graph_ms:.3f} | "
-                  f"{fl / graph_ms / 1e9:.1f} |", flush=True)
+            print(
+                f"| {which} | {cfg} | {ms:.3f} | {mult * fl / ms / 1e9:.1f} | {graph_ms:.3f} | "
+                f"{fl / graph_ms / 1e9:.1f} |",
+                flush=True,
+            )
     return 0
 
 
