@@ -425,7 +425,8 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerConfig:
     p.add_argument("--device", default=d.device)
     p.add_argument("--kv-cache-mb", type=float, default=d.kv_cache_mb, help="per-user KV cache; 0 disables it")
     p.add_argument("--prefill-chunk-tokens", type=int, default=d.prefill_chunk_tokens)
-    p.add_argument("--cuda-graphs", action="store_true", help="replay decode steps and known users' one-event updates as CUDA graphs (CUDA only)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="replay decode steps and known users' one-event updates as CUDA graphs (CUDA only)")
     a = p.parse_args(argv)
     return ServerConfig(
         artifact=a.artifact, host=a.host, port=a.port, metrics_port=a.metrics_port,
