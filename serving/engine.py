@@ -245,13 +245,17 @@ class Engine:
                if st is not None and len(p.items) - st.length == 1 and 0 < st.length < self.max_len]
         if not one:
             return {}
-        states = [starts[i] for i in one]
         ids = torch.tensor([int(prefills[i].items[-1]) for i in one], dtype=torch.int64, device=self.device)
         stamps = torch.tensor([int(prefills[i].timestamps[-1]) for i in one], dtype=torch.int64, device=self.device)
-        graphed = self.graphs(ids, stamps, states)
+        return dict(zip(one, self._extend_one_each(ids, stamps, [starts[i] for i in one]), strict=True))
+
+    def _extend_one_each(self, ids: torch.Tensor, stamps: torch.Tensor, states: list[PrefixState]
+                         ) -> list[PrefixState]:
+        """Each state plus one token in one batched pass: replayed from a CUDA graph when one fits."""
+        graphed = self.graphs(ids, stamps, states) if self.graphs is not None else None
         if graphed is None:
-            return {}
-        return dict(zip(one, append_decoded(states, ids, stamps, *graphed), strict=True))
+            return extend_one_each(self.encoder, self.item_table, ids, stamps, states)[1]
+        return append_decoded(states, ids, stamps, *graphed)
 
     def _prefill(self, p: Prefill, state: PrefixState | None, extended: PrefixState | None = None) -> Prefilled:
         n, start = len(p.items), 0 if state is None else state.length
@@ -292,12 +296,7 @@ class Engine:
         if room:
             ids = torch.tensor([chosen[b][0] for b in room], dtype=torch.int64, device=self.device)
             stamps = torch.tensor([decodes[b].timestamp for b in room], dtype=torch.int64, device=self.device)
-            room_states = [decodes[b].state for b in room]
-            graphed = self.graphs(ids, stamps, room_states) if self.graphs is not None else None
-            if graphed is None:
-                _, extended = extend_one_each(self.encoder, self.item_table, ids, stamps, room_states)
-            else:
-                extended = append_decoded(room_states, ids, stamps, *graphed)
+            extended = self._extend_one_each(ids, stamps, [decodes[b].state for b in room])
             for b, st in zip(room, extended, strict=True):
                 states[b] = st
         for b, d in enumerate(decodes):

@@ -83,7 +83,8 @@ class ServerConfig:
         kv_cache_mb: per-user KV cache (HSTU) of this many MiB; 0 computes every history in full.
         prefill_chunk_tokens: with the cache, a history is computed at most this many tokens per
             model step, so a long one is prefilled over several steps beside short requests.
-        cuda_graphs: replay generation steps as CUDA graphs (CUDA only; eager elsewhere).
+        cuda_graphs: replay decode steps and known users' one-event updates as CUDA graphs (CUDA only;
+            eager elsewhere).
     """
 
     artifact: Path
