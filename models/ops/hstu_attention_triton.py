@@ -157,6 +157,20 @@ def _rel_bias(POS_W, TIME_W, THRESH, i, j, ts_i, ts_j, max_seq_len, log2_to_buck
 
 
 @triton.jit
+def _program_tile(MAX_LEN, BLOCK: tl.constexpr):
+    """(sequence*heads + head, block index) of this program in the 1-D grid.
+
+    The block index varies fastest, so the programs on the GPU at one time are mostly the blocks
+    of a few (sequence, head) pairs and share those pairs' keys and values in L2.  A grid with
+    the pair varying fastest makes every resident program stream a different pair's K/V from
+    HBM: 411 against 482 TFLOP/s for the forward at N=4096 on an H200 (docs/benchmarks.md).
+    """
+    blocks = tl.cdiv(MAX_LEN, BLOCK)
+    pid = tl.program_id(0)
+    return pid // blocks, pid % blocks
+
+
+@triton.jit
 def _allowed(i, j, hist, HAS_TARGETS: tl.constexpr):
     """May query i see key j?  Causal; a target row (i >= hist) sees the history and itself."""
     ok = j <= i
@@ -241,18 +255,19 @@ def _hstu_fwd_kernel(
     stride_qm, stride_qh, stride_km, stride_kh, stride_vm, stride_vh, stride_om, stride_oh,
     H, alpha, inv_max_seq_len, max_seq_len, log2_to_bucket, num_buckets,
     AUTOTUNE_LEN,  # autotuning key only: the batch's longest sequence, rounded up to a power of 2
+    MAX_LEN,  # the batch's longest sequence: the grid has cdiv(MAX_LEN, BLOCK) programs per (sequence, head)
     DQ: tl.constexpr, DV: tl.constexpr, BLOCK_DQ: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_TARGETS: tl.constexpr, SILU_MODE: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_bh = tl.program_id(0)
+    pid_bh, i = _program_tile(MAX_LEN, BLOCK_M)
     b = pid_bh // H
     h = pid_bh % H
     seq_start = tl.load(SEQ_OFFSETS + b)
     seq_len = (tl.load(SEQ_OFFSETS + b + 1) - seq_start).to(tl.int32)
-    # Grid axis 1 counts query blocks from the end of the sequence: the first programs launched
-    # are the last (longest-row) blocks, the cheap first blocks fill the tail.
-    m_block = tl.cdiv(seq_len, BLOCK_M) - 1 - tl.program_id(1)
+    # Query blocks are counted from the end of the sequence: a pair's last (longest-row) blocks
+    # start first, its cheap first blocks fill in behind them.
+    m_block = tl.cdiv(seq_len, BLOCK_M) - 1 - i
     if m_block < 0:
         return
     start_m = m_block * BLOCK_M
@@ -373,19 +388,19 @@ def _hstu_bwd_dkdv_kernel(
     stride_qm, stride_qh, stride_km, stride_kh, stride_vm, stride_vh, stride_dom, stride_doh,
     stride_dkm, stride_dkh, stride_dvm, stride_dvh,
     H, alpha, inv_max_seq_len, max_seq_len, log2_to_bucket, num_buckets,
-    AUTOTUNE_LEN,
+    AUTOTUNE_LEN, MAX_LEN,
     DQ: tl.constexpr, DV_: tl.constexpr, BLOCK_DQ: tl.constexpr, BLOCK_DV: tl.constexpr,
     NUM_BINS: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, HAS_TARGETS: tl.constexpr,
     SILU_MODE: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DIAG: tl.constexpr,
 ):
-    pid_bh = tl.program_id(0)
+    pid_bh, i = _program_tile(MAX_LEN, BLOCK_N)
     b = pid_bh // H
     h = pid_bh % H
     seq_start = tl.load(SEQ_OFFSETS + b)
     seq_len = (tl.load(SEQ_OFFSETS + b + 1) - seq_start).to(tl.int32)
     # Key block 0 is seen by every query: the heaviest programs come first.
-    start_n = tl.program_id(1) * BLOCK_N
+    start_n = i * BLOCK_N
     if start_n >= seq_len:
         return
     hist = seq_len
@@ -491,17 +506,17 @@ def _hstu_bwd_dq_kernel(
     stride_qm, stride_qh, stride_km, stride_kh, stride_vm, stride_vh, stride_dom, stride_doh,
     stride_dqm, stride_dqh,
     H, alpha, inv_max_seq_len, max_seq_len, log2_to_bucket, num_buckets,
-    AUTOTUNE_LEN,
+    AUTOTUNE_LEN, MAX_LEN,
     DQ: tl.constexpr, DV: tl.constexpr, BLOCK_DQ: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_TARGETS: tl.constexpr, SILU_MODE: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_bh = tl.program_id(0)
+    pid_bh, i = _program_tile(MAX_LEN, BLOCK_M)
     b = pid_bh // H
     h = pid_bh % H
     seq_start = tl.load(SEQ_OFFSETS + b)
     seq_len = (tl.load(SEQ_OFFSETS + b + 1) - seq_start).to(tl.int32)
-    m_block = tl.cdiv(seq_len, BLOCK_M) - 1 - tl.program_id(1)
+    m_block = tl.cdiv(seq_len, BLOCK_M) - 1 - i
     if m_block < 0:
         return
     start_m = m_block * BLOCK_M
@@ -653,17 +668,17 @@ def _launch(which: str, kernel, grid_rows, bh: int, args: tuple, meta: dict) -> 
         cfg = dict(INTERPRETER_CONFIGS[which])
         if which == "dkdv":
             cfg["DIAG"] = triton.next_power_of_2(cfg["BLOCK_M"] + cfg["BLOCK_N"] - 1)
-        kernel[(bh, triton.cdiv(grid_rows, cfg[_GRID_BLOCK[which]]))](*args, **meta, **cfg)
+        kernel[(bh * triton.cdiv(grid_rows, cfg[_GRID_BLOCK[which]]),)](*args, **meta, **cfg)
         return
     if os.environ.get("HSTU_ATTN_AUTOTUNE", "1") == "0":
         c = _CONFIGS[which][_variant(which, meta)][0]
-        kernel[(bh, triton.cdiv(grid_rows, c.kwargs[_GRID_BLOCK[which]]))](*args, **meta, **c.all_kwargs())
+        kernel[(bh * triton.cdiv(grid_rows, c.kwargs[_GRID_BLOCK[which]]),)](*args, **meta, **c.all_kwargs())
         return
     tuned = _tuned(which)
-    tuned[lambda m: (bh, triton.cdiv(grid_rows, m[_GRID_BLOCK[which]]))](*args, **meta)
+    tuned[lambda m: (bh * triton.cdiv(grid_rows, m[_GRID_BLOCK[which]]),)](*args, **meta)
 
 
-# The grid's second axis walks query blocks (fwd, dq) or key blocks (dkdv).
+# Each (sequence, head) pair gets cdiv(max_len, block) programs: query blocks (fwd, dq) or key blocks (dkdv).
 _GRID_BLOCK = {"fwd": "BLOCK_M", "dq": "BLOCK_M", "dkdv": "BLOCK_N"}
 
 
@@ -847,7 +862,7 @@ class _Meta:
     def scalars(self) -> tuple:
         # The kernels take log2 and scale by ln(2) / scale to get ln(dt) / scale.
         return (self.H, self.alpha, 1.0 / self.max_seq_len, self.max_seq_len, math.log(2.0) / self.scale,
-                self.num_buckets, self.autotune_len)
+                self.num_buckets, self.autotune_len, self.max_len)
 
 
 def _block_d(d: int) -> int:
