@@ -152,6 +152,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {name} | {steps} | {seconds:.2f} | {sched['items'] / seconds:.0f} |")
     print(f"\ncontinuous / static throughput: {sched['static'][1] / sched['continuous'][1]:.2f}x; "
           f"continuous / static padded: {sched['static, padded'][1] / sched['continuous'][1]:.2f}x")
+    full = -(-sched["items"] // args.slots)  # every step with all slots busy: the fewest steps possible
+    print(f"model steps, static / continuous: {sched['static'][0] / sched['continuous'][0]:.2f}x; static / "
+          f"{full} (all slots always busy): {sched['static'][0] / full:.2f}x. With steps of equal cost no "
+          f"scheduler gains more than that; for lengths uniform in 1..{args.generate} the limit over any number "
+          f"of slots is {args.generate} / {(args.generate + 1) / 2:g} = {2 * args.generate / (args.generate + 1):.2f}x")
     if graph_rows:
         print("\ndecode step (greedy, histories of 100), eager against CUDA graphs:\n")
         print("| batch | eager ms | CUDA graph ms | speed-up |\n|--:|--:|--:|--:|")
