@@ -1,12 +1,15 @@
 """One Triton config at a time for each HSTU attention kernel (GPU): which tile shapes are fastest.
 
     python -m benchmarks.kernel_configs [--n 4096]
+    python -m benchmarks.kernel_configs --bias     # the bias variants, pipelined loops against not
 
 For each candidate config of one kernel (the other two keep their first candidate), times the
 forward (fwd kernel) or forward+backward (dq, dkdv kernels) on ``benchmarks.kernel``'s batch
 (~512K tokens, lengths uniform in [N/2, N], H=4, d=128, bf16, no bias), end to end with
 ``triton.testing.do_bench`` and, for the forward, also replayed from a CUDA graph (GPU time alone,
 no host work). A config that fails to compile (shared memory, registers) is reported and skipped.
+With ``--bias`` the batch carries the relative bias with trainable tables (the dK/dV kernel's
+"bias_grad" variant) and each candidate runs with its main loops software-pipelined and not.
 The winners belong in ``_CONFIGS`` of ``models/ops/hstu_attention_triton.py``.
 """
 
@@ -66,25 +69,43 @@ CANDIDATES = {
     ],
 }
 
+BIAS_CANDIDATES = {
+    "fwd": [C(128, 32, 8, 3), C(128, 64, 8, 2), C(64, 32, 4, 3), C(64, 64, 4, 2)],
+    "dq": [C(128, 32, 8, 3), C(64, 32, 4, 3), C(64, 64, 4, 2)],
+    "dkdv": [C(16, 128, 8, 3, True), C(16, 64, 4, 3, True), C(32, 64, 4, 2, True)],
+}
+
+
+def _with_loop_stages(cfg, loop_stages):
+    kw = cfg.kwargs
+    return hat._cfg(kw["BLOCK_M"], kw["BLOCK_N"], cfg.num_warps, cfg.num_stages, "DIAG" in kw, cfg.maxnreg,
+                    loop_stages)
+
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=4096)
     p.add_argument("--kernels", nargs="+", default=["fwd", "dq", "dkdv"])
+    p.add_argument("--bias", action="store_true", help="the bias variants, each with and without loop pipelining")
     args = p.parse_args(argv)
     os.environ["HSTU_ATTN_AUTOTUNE"] = "0"
-    b = make_batch(args.n, 512 * 1024, 4, 128, torch.bfloat16, False, 0)
+    b = make_batch(args.n, 512 * 1024, 4, 128, torch.bfloat16, args.bias, 0)
     fl = flops_fwd(b["lengths"], 4, 128)
-    default = {k: list(v["plain"]) for k, v in hat._CONFIGS.items()}
+    variant = {"fwd": "bias", "dq": "bias", "dkdv": "bias_grad"} if args.bias else dict.fromkeys(CANDIDATES, "plain")
+    default = {k: list(v[variant[k]]) for k, v in hat._CONFIGS.items()}
+    candidates = CANDIDATES
+    if args.bias:
+        candidates = {k: [_with_loop_stages(c, ls) for c in v for ls in (None, 1)] for k, v in BIAS_CANDIDATES.items()}
+    rab_leaves = [b["rab"].pos_weights, b["rab"].time_weights] if args.bias else []
 
     def fwd():
-        return hat.hstu_attention_triton(b["q"], b["k"], b["v"], b["offsets"], b["n_max"], b["alpha"])
+        return hat.hstu_attention_triton(b["q"], b["k"], b["v"], b["offsets"], b["n_max"], b["alpha"], rab=b["rab"])
 
     print(f"{torch.cuda.get_device_name()}  N={args.n}  tokens={b['q'].shape[0]}  forward {fl / 1e12:.3f} TFLOP")
     print("| kernel | config | ms (end to end) | TFLOP/s | ms (CUDA graph) | TFLOP/s |\n|---|---|--:|--:|--:|--:|")
     for which in args.kernels:
-        for cfg in CANDIDATES[which]:
-            hat._CONFIGS[which]["plain"] = [cfg]
+        for cfg in candidates[which]:
+            hat._CONFIGS[which][variant[which]] = [cfg]
             try:
                 if which == "fwd":
                     with torch.no_grad():
@@ -92,7 +113,7 @@ def main(argv=None) -> int:
                         graph_ms = triton.testing.do_bench_cudagraph(fwd, return_mode="median")
                     mult = 1.0
                 else:
-                    leaves = [t.requires_grad_(True) for t in (b["q"], b["k"], b["v"])]
+                    leaves = [t.requires_grad_(True) for t in (b["q"], b["k"], b["v"], *rab_leaves)]
                     ms = triton.testing.do_bench(
                         lambda: fwd().backward(b["do"]), grad_to_none=leaves, return_mode="median"
                     )
@@ -103,7 +124,7 @@ def main(argv=None) -> int:
                 print(f"| {which} | {cfg} | failed: {str(e).splitlines()[0][:60]} | | | |", flush=True)
                 continue
             finally:
-                hat._CONFIGS[which]["plain"] = default[which]
+                hat._CONFIGS[which][variant[which]] = default[which]
             print(
                 f"| {which} | {cfg} | {ms:.3f} | {mult * fl / ms / 1e9:.1f} | {graph_ms:.3f} | "
                 f"{fl / graph_ms / 1e9:.1f} |",

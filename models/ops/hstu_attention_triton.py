@@ -258,7 +258,7 @@ def _hstu_fwd_kernel(
     MAX_LEN,  # the batch's longest sequence: the grid has cdiv(MAX_LEN, BLOCK) programs per (sequence, head)
     DQ: tl.constexpr, DV: tl.constexpr, BLOCK_DQ: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_TARGETS: tl.constexpr, SILU_MODE: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LOOP_STAGES: tl.constexpr = None,
 ):
     pid_bh, i = _program_tile(MAX_LEN, BLOCK_M)
     b = pid_bh // H
@@ -293,18 +293,18 @@ def _hstu_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
 
     full_end, a_end, b_start, hi = _key_ranges(start_m, seq_len, hist, BLOCK_M, BLOCK_N, HAS_TARGETS)
-    for start_n in range(0, full_end, BLOCK_N):
+    for start_n in tl.range(0, full_end, BLOCK_N, num_stages=LOOP_STAGES):
         acc = _fwd_tile(acc, q, k_base, v_base, start_n, offs_m, offs_n, offs_dq, offs_dv, seq_len, hist, ts_q,
                         TS_base, POS_W, TIME_W, THRESH, stride_km, stride_vm, half_alpha, max_seq_len,
                         log2_to_bucket, num_buckets, DQ, DV, BLOCK_DQ, BLOCK_DV,
                         False, HAS_BIAS, HAS_TARGETS, SILU_MODE, DOT_PREC)
-    for start_n in range(full_end, a_end, BLOCK_N):
+    for start_n in tl.range(full_end, a_end, BLOCK_N, num_stages=LOOP_STAGES):
         acc = _fwd_tile(acc, q, k_base, v_base, start_n, offs_m, offs_n, offs_dq, offs_dv, seq_len, hist, ts_q,
                         TS_base, POS_W, TIME_W, THRESH, stride_km, stride_vm, half_alpha, max_seq_len,
                         log2_to_bucket, num_buckets, DQ, DV, BLOCK_DQ, BLOCK_DV,
                         True, HAS_BIAS, HAS_TARGETS, SILU_MODE, DOT_PREC)
     if HAS_TARGETS:
-        for start_n in range(b_start, hi, BLOCK_N):
+        for start_n in tl.range(b_start, hi, BLOCK_N, num_stages=LOOP_STAGES):
             acc = _fwd_tile(acc, q, k_base, v_base, start_n, offs_m, offs_n, offs_dq, offs_dv, seq_len, hist,
                             ts_q, TS_base, POS_W, TIME_W, THRESH, stride_km, stride_vm, half_alpha, max_seq_len,
                             log2_to_bucket, num_buckets, DQ, DV, BLOCK_DQ, BLOCK_DV,
@@ -392,7 +392,7 @@ def _hstu_bwd_dkdv_kernel(
     DQ: tl.constexpr, DV_: tl.constexpr, BLOCK_DQ: tl.constexpr, BLOCK_DV: tl.constexpr,
     NUM_BINS: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, HAS_TARGETS: tl.constexpr,
     SILU_MODE: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DIAG: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DIAG: tl.constexpr, LOOP_STAGES: tl.constexpr = None,
 ):
     pid_bh, i = _program_tile(MAX_LEN, BLOCK_N)
     b = pid_bh // H
@@ -441,13 +441,13 @@ def _hstu_bwd_dkdv_kernel(
             masked_hi = seq_len
             if start_n >= hist:
                 masked_hi = tl.minimum(start_n + BLOCK_N, seq_len)
-    for start_m in range(lo, masked_hi, BLOCK_M):
+    for start_m in tl.range(lo, masked_hi, BLOCK_M, num_stages=LOOP_STAGES):
         dk, dv, t_hist = _dkdv_tile(
             dk, dv, t_hist, k, v, q_base, do_base, start_m, start_n, offs_m, offs_n, offs_dq, offs_dv, seq_len,
             hist, ts_k, TS_base, POS_W, TIME_W, THRESH, DPOS, stride_qm, stride_dom, half_alpha, inv_max_seq_len,
             max_seq_len, log2_to_bucket, num_buckets, DQ, DV_, BLOCK_DQ, BLOCK_DV, BLOCK_M, BLOCK_N, DIAG,
             NUM_BINS, True, HAS_BIAS, BIAS_GRAD, HAS_TARGETS, SILU_MODE, DOT_PREC)
-    for start_m in range(unmasked_lo, seq_len, BLOCK_M):
+    for start_m in tl.range(unmasked_lo, seq_len, BLOCK_M, num_stages=LOOP_STAGES):
         dk, dv, t_hist = _dkdv_tile(
             dk, dv, t_hist, k, v, q_base, do_base, start_m, start_n, offs_m, offs_n, offs_dq, offs_dv, seq_len,
             hist, ts_k, TS_base, POS_W, TIME_W, THRESH, DPOS, stride_qm, stride_dom, half_alpha, inv_max_seq_len,
@@ -509,7 +509,7 @@ def _hstu_bwd_dq_kernel(
     AUTOTUNE_LEN, MAX_LEN,
     DQ: tl.constexpr, DV: tl.constexpr, BLOCK_DQ: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_TARGETS: tl.constexpr, SILU_MODE: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LOOP_STAGES: tl.constexpr = None,
 ):
     pid_bh, i = _program_tile(MAX_LEN, BLOCK_M)
     b = pid_bh // H
@@ -543,18 +543,18 @@ def _hstu_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_DQ], dtype=tl.float32)
 
     full_end, a_end, b_start, hi = _key_ranges(start_m, seq_len, hist, BLOCK_M, BLOCK_N, HAS_TARGETS)
-    for start_n in range(0, full_end, BLOCK_N):
+    for start_n in tl.range(0, full_end, BLOCK_N, num_stages=LOOP_STAGES):
         dq = _dq_tile(dq, q, do, k_base, v_base, start_n, offs_m, offs_n, offs_dq, offs_dv, seq_len, hist, ts_q,
                       TS_base, POS_W, TIME_W, THRESH, stride_km, stride_vm, half_alpha, max_seq_len,
                       log2_to_bucket, num_buckets, DQ, DV, BLOCK_DQ, BLOCK_DV,
                       False, HAS_BIAS, HAS_TARGETS, SILU_MODE, DOT_PREC)
-    for start_n in range(full_end, a_end, BLOCK_N):
+    for start_n in tl.range(full_end, a_end, BLOCK_N, num_stages=LOOP_STAGES):
         dq = _dq_tile(dq, q, do, k_base, v_base, start_n, offs_m, offs_n, offs_dq, offs_dv, seq_len, hist, ts_q,
                       TS_base, POS_W, TIME_W, THRESH, stride_km, stride_vm, half_alpha, max_seq_len,
                       log2_to_bucket, num_buckets, DQ, DV, BLOCK_DQ, BLOCK_DV,
                       True, HAS_BIAS, HAS_TARGETS, SILU_MODE, DOT_PREC)
     if HAS_TARGETS:
-        for start_n in range(b_start, hi, BLOCK_N):
+        for start_n in tl.range(b_start, hi, BLOCK_N, num_stages=LOOP_STAGES):
             dq = _dq_tile(dq, q, do, k_base, v_base, start_n, offs_m, offs_n, offs_dq, offs_dv, seq_len, hist,
                           ts_q, TS_base, POS_W, TIME_W, THRESH, stride_km, stride_vm, half_alpha, max_seq_len,
                           log2_to_bucket, num_buckets, DQ, DV, BLOCK_DQ, BLOCK_DV,
@@ -579,10 +579,13 @@ INTERPRETER_CONFIGS = {
 }
 
 
-def _cfg(bm: int, bn: int, warps: int, stages: int, diag: bool = False, maxnreg: int | None = None) -> triton.Config:
+def _cfg(bm: int, bn: int, warps: int, stages: int, diag: bool = False, maxnreg: int | None = None,
+         loop_stages: int | None = None) -> triton.Config:
     kwargs = {"BLOCK_M": bm, "BLOCK_N": bn}
     if diag:
         kwargs["DIAG"] = triton.next_power_of_2(bm + bn - 1)
+    if loop_stages is not None:  # the main loops' software pipelining (None: num_stages)
+        kwargs["LOOP_STAGES"] = loop_stages
     return triton.Config(kwargs, num_warps=warps, num_stages=stages, maxnreg=maxnreg)
 
 
@@ -593,25 +596,28 @@ def _cfg(bm: int, bn: int, warps: int, stages: int, diag: bool = False, maxnreg:
 # programs on an SM (4 warps, or 8 warps capped at 128 registers) let one program's matmuls
 # overlap the other's tanh.  The in-kernel bias costs registers (gathered table entries, the
 # time-bucket arithmetic, and in dK/dV the diagonal gather of dS), so the bias variants use
-# narrower tiles, and at most two candidates each to bound autotuning compile time.  Head dims
+# narrower tiles, and at most two candidates each to bound autotuning compile time.  Their forward
+# and dQ loops are not software-pipelined (loop_stages=1): the pipeliner would stage every gathered
+# table entry through shared memory one 4-byte copy at a time, which cost 4x the forward's time at
+# N=4096 (70.6 against 16.3 ms on an H200; `docs/benchmarks.md`).  Head dims
 # above 128 double the tiles' shared memory and registers; their candidates are the small ones.
 _CONFIGS = {
     "fwd": {
         "plain": [_cfg(128, 32, 8, 4, maxnreg=128), _cfg(128, 32, 8, 3, maxnreg=128), _cfg(128, 64, 8, 3),
                   _cfg(64, 64, 4, 2), _cfg(64, 32, 4, 3)],
-        "bias": [_cfg(128, 32, 8, 3), _cfg(128, 64, 8, 2)],
+        "bias": [_cfg(64, 64, 4, 2, loop_stages=1), _cfg(128, 64, 8, 2, loop_stages=1)],
         "big_d": [_cfg(64, 32, 4, 3), _cfg(64, 64, 4, 2), _cfg(128, 32, 8, 2)],
     },
     "dq": {
         "plain": [_cfg(128, 32, 8, 3, maxnreg=128), _cfg(128, 64, 8, 3), _cfg(128, 32, 8, 3), _cfg(64, 32, 4, 3)],
-        "bias": [_cfg(128, 32, 8, 3), _cfg(64, 32, 4, 3)],
+        "bias": [_cfg(64, 64, 4, 2, loop_stages=1), _cfg(64, 32, 4, 3, loop_stages=1)],
         "big_d": [_cfg(64, 32, 4, 3), _cfg(64, 16, 4, 2), _cfg(128, 32, 8, 2)],
     },
     "dkdv": {
         "plain": [_cfg(64, 128, 8, 3, True), _cfg(32, 128, 8, 3, True), _cfg(32, 64, 4, 3, True),
                   _cfg(16, 64, 4, 2, True)],
         "bias": [_cfg(32, 128, 8, 3, True), _cfg(16, 128, 8, 3, True)],
-        "bias_grad": [_cfg(16, 128, 8, 3, True), _cfg(16, 64, 4, 3, True)],
+        "bias_grad": [_cfg(32, 64, 4, 2, True), _cfg(16, 64, 4, 3, True)],
         "big_d": [_cfg(32, 64, 4, 3, True), _cfg(16, 64, 4, 2, True), _cfg(32, 128, 8, 2, True)],
     },
 }
