@@ -1,7 +1,7 @@
 """One Triton config at a time for each HSTU attention kernel (GPU): which tile shapes are fastest.
 
     python -m benchmarks.kernel_configs [--n 4096]
-    python -m benchmarks.kernel_configs --bias     # the bias variants, pipelined loops against not
+    python -m benchmarks.kernel_configs --bias     # the bias variants, pipelined key loops against not
 
 For each candidate config of one kernel (the other two keep their first candidate), times the
 forward (fwd kernel) or forward+backward (dq, dkdv kernels) on ``benchmarks.kernel``'s batch
@@ -9,7 +9,7 @@ forward (fwd kernel) or forward+backward (dq, dkdv kernels) on ``benchmarks.kern
 ``triton.testing.do_bench`` and, for the forward, also replayed from a CUDA graph (GPU time alone,
 no host work). A config that fails to compile (shared memory, registers) is reported and skipped.
 With ``--bias`` the batch carries the relative bias with trainable tables (the dK/dV kernel's
-"bias_grad" variant) and each candidate runs with its main loops software-pipelined and not.
+"bias_grad" variant) and each forward and dQ candidate runs with its key loops software-pipelined and not.
 The winners belong in ``_CONFIGS`` of ``models/ops/hstu_attention_triton.py``.
 """
 
@@ -69,33 +69,29 @@ CANDIDATES = {
     ],
 }
 
+# --bias: the forward and dQ candidates each with their key loops pipelined (None) and not (1);
+# the dK/dV kernel's loops over queries have no such switch.
 BIAS_CANDIDATES = {
-    "fwd": [C(128, 32, 8, 3), C(128, 64, 8, 2), C(64, 32, 4, 3), C(64, 64, 4, 2)],
-    "dq": [C(128, 32, 8, 3), C(64, 32, 4, 3), C(64, 64, 4, 2)],
+    "fwd": [C(bm, bn, w, st, loop_stages=ls) for bm, bn, w, st in [(128, 32, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3),
+                                                                   (64, 64, 4, 2)] for ls in (None, 1)],
+    "dq": [C(bm, bn, w, st, loop_stages=ls) for bm, bn, w, st in [(128, 32, 8, 3), (64, 32, 4, 3), (64, 64, 4, 2)]
+           for ls in (None, 1)],
     "dkdv": [C(16, 128, 8, 3, True), C(16, 64, 4, 3, True), C(32, 64, 4, 2, True)],
 }
-
-
-def _with_loop_stages(cfg, loop_stages):
-    kw = cfg.kwargs
-    return hat._cfg(kw["BLOCK_M"], kw["BLOCK_N"], cfg.num_warps, cfg.num_stages, "DIAG" in kw, cfg.maxnreg,
-                    loop_stages)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=4096)
     p.add_argument("--kernels", nargs="+", default=["fwd", "dq", "dkdv"])
-    p.add_argument("--bias", action="store_true", help="the bias variants, each with and without loop pipelining")
+    p.add_argument("--bias", action="store_true", help="the bias variants, fwd/dq with and without loop pipelining")
     args = p.parse_args(argv)
     os.environ["HSTU_ATTN_AUTOTUNE"] = "0"
     b = make_batch(args.n, 512 * 1024, 4, 128, torch.bfloat16, args.bias, 0)
     fl = flops_fwd(b["lengths"], 4, 128)
     variant = {"fwd": "bias", "dq": "bias", "dkdv": "bias_grad"} if args.bias else dict.fromkeys(CANDIDATES, "plain")
     default = {k: list(v[variant[k]]) for k, v in hat._CONFIGS.items()}
-    candidates = CANDIDATES
-    if args.bias:
-        candidates = {k: [_with_loop_stages(c, ls) for c in v for ls in (None, 1)] for k, v in BIAS_CANDIDATES.items()}
+    candidates = BIAS_CANDIDATES if args.bias else CANDIDATES
     rab_leaves = [b["rab"].pos_weights, b["rab"].time_weights] if args.bias else []
 
     def fwd():

@@ -46,12 +46,10 @@ def _fwd_variant(
     Q, K, V, KD, VD, OUT, SEQ_OFFSETS, stride_qm, stride_qh, stride_km, stride_kh, stride_vm, stride_vh,
     stride_om, stride_oh, H, alpha, inv_n,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PIPE: tl.constexpr, PRESCALE: tl.constexpr,
-    WS: tl.constexpr, TMA: tl.constexpr, BLOCK_MAJOR: tl.constexpr, NUM_M: tl.constexpr,
+    WS: tl.constexpr, TMA: tl.constexpr, BLOCK_MAJOR: tl.constexpr, MAX_LEN,
 ):
     if BLOCK_MAJOR:
-        pid = tl.program_id(0)
-        pid_bh = pid // NUM_M
-        pid_m = pid % NUM_M
+        pid_bh, pid_m = hat._program_tile(MAX_LEN, BLOCK_M)
     else:
         pid_bh = tl.program_id(0)
         pid_m = tl.program_id(1)
@@ -158,7 +156,7 @@ def main(argv=None) -> int:
             def run(kd=kd, vd=vd, grid=grid, flags=flags, bm=bm, bn=bn, warps=warps, stages=stages, reg=reg):
                 _fwd_variant[grid](q, k, v, kd, vd, out, offs, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
                                    v.stride(0), v.stride(1), out.stride(0), out.stride(1), H, b["alpha"], 1.0 / n,
-                                   D=D, NUM_M=triton.cdiv(n, bm), BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
+                                   D=D, MAX_LEN=n, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
                                    num_stages=stages, maxnreg=reg, **flags)
 
             name = "+".join(NAMES[s] for s in on) or "pair-major"

@@ -392,7 +392,7 @@ def _hstu_bwd_dkdv_kernel(
     DQ: tl.constexpr, DV_: tl.constexpr, BLOCK_DQ: tl.constexpr, BLOCK_DV: tl.constexpr,
     NUM_BINS: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, HAS_TARGETS: tl.constexpr,
     SILU_MODE: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DIAG: tl.constexpr, LOOP_STAGES: tl.constexpr = None,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DIAG: tl.constexpr,
 ):
     pid_bh, i = _program_tile(MAX_LEN, BLOCK_N)
     b = pid_bh // H
@@ -441,13 +441,13 @@ def _hstu_bwd_dkdv_kernel(
             masked_hi = seq_len
             if start_n >= hist:
                 masked_hi = tl.minimum(start_n + BLOCK_N, seq_len)
-    for start_m in tl.range(lo, masked_hi, BLOCK_M, num_stages=LOOP_STAGES):
+    for start_m in range(lo, masked_hi, BLOCK_M):
         dk, dv, t_hist = _dkdv_tile(
             dk, dv, t_hist, k, v, q_base, do_base, start_m, start_n, offs_m, offs_n, offs_dq, offs_dv, seq_len,
             hist, ts_k, TS_base, POS_W, TIME_W, THRESH, DPOS, stride_qm, stride_dom, half_alpha, inv_max_seq_len,
             max_seq_len, log2_to_bucket, num_buckets, DQ, DV_, BLOCK_DQ, BLOCK_DV, BLOCK_M, BLOCK_N, DIAG,
             NUM_BINS, True, HAS_BIAS, BIAS_GRAD, HAS_TARGETS, SILU_MODE, DOT_PREC)
-    for start_m in tl.range(unmasked_lo, seq_len, BLOCK_M, num_stages=LOOP_STAGES):
+    for start_m in range(unmasked_lo, seq_len, BLOCK_M):
         dk, dv, t_hist = _dkdv_tile(
             dk, dv, t_hist, k, v, q_base, do_base, start_m, start_n, offs_m, offs_n, offs_dq, offs_dv, seq_len,
             hist, ts_k, TS_base, POS_W, TIME_W, THRESH, DPOS, stride_qm, stride_dom, half_alpha, inv_max_seq_len,
@@ -584,7 +584,7 @@ def _cfg(bm: int, bn: int, warps: int, stages: int, diag: bool = False, maxnreg:
     kwargs = {"BLOCK_M": bm, "BLOCK_N": bn}
     if diag:
         kwargs["DIAG"] = triton.next_power_of_2(bm + bn - 1)
-    if loop_stages is not None:  # the main loops' software pipelining (None: num_stages)
+    if loop_stages is not None:  # the fwd / dQ key loops' software pipelining (None: num_stages)
         kwargs["LOOP_STAGES"] = loop_stages
     return triton.Config(kwargs, num_warps=warps, num_stages=stages, maxnreg=maxnreg)
 
