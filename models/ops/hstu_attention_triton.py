@@ -163,7 +163,7 @@ def _program_tile(MAX_LEN, BLOCK: tl.constexpr):
     The block index varies fastest, so the programs on the GPU at one time are mostly the blocks
     of a few (sequence, head) pairs and share those pairs' keys and values in L2.  A grid with
     the pair varying fastest makes every resident program stream a different pair's K/V from
-    HBM: 411 against 482 TFLOP/s for the forward at N=4096 on an H200 (docs/benchmarks.md).
+    HBM: 434 against 474 TFLOP/s for the forward at N=4096 on an H200 (docs/benchmarks.md).
     """
     blocks = tl.cdiv(MAX_LEN, BLOCK)
     pid = tl.program_id(0)
@@ -599,7 +599,7 @@ def _cfg(bm: int, bn: int, warps: int, stages: int, diag: bool = False, maxnreg:
 # narrower tiles, and at most two candidates each to bound autotuning compile time.  Their forward
 # and dQ loops are not software-pipelined (loop_stages=1): the pipeliner would stage every gathered
 # table entry through shared memory one 4-byte copy at a time, which cost 4x the forward's time at
-# N=4096 (70.6 against 16.3 ms on an H200; `docs/benchmarks.md`).  Head dims
+# N=4096 (70.6 against 16.2 ms on an H200; `docs/benchmarks.md`).  Head dims
 # above 128 double the tiles' shared memory and registers; their candidates are the small ones.
 _CONFIGS = {
     "fwd": {
