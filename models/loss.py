@@ -53,6 +53,22 @@ def sampled_softmax_loss(
     Returns:
         (loss, number of labelled positions); the loss is 0 when there are none.
     """
+    losses = sampled_softmax_losses(users, labels, label_embeddings, negative_ids, negative_embeddings,
+                                    temperature, per_position)
+    count = (labels != 0).sum().to(losses.dtype)
+    return losses.sum() / count.clamp(min=1), count
+
+
+def sampled_softmax_losses(
+    users: torch.Tensor,
+    labels: torch.Tensor,
+    label_embeddings: torch.Tensor,
+    negative_ids: torch.Tensor,
+    negative_embeddings: torch.Tensor,
+    temperature: float,
+    per_position: int = 0,
+) -> torch.Tensor:
+    """[L] the loss of each position (0 where ``labels`` is 0); arguments as ``sampled_softmax_loss``."""
     positive = (users * label_embeddings).sum(-1, keepdim=True)  # [L, 1]
     negative = users @ negative_embeddings.T  # [L, P]
     negative_ids = negative_ids[None, :]
@@ -61,10 +77,8 @@ def sampled_softmax_loss(
         negative, negative_ids = negative.gather(1, pick), negative_ids[0][pick]  # [L, N]
     negative = negative.masked_fill(labels[:, None] == negative_ids, float("-inf"))
     logits = torch.cat([positive, negative], dim=1) / temperature
-    per_position = -F.log_softmax(logits, dim=1)[:, 0]
-    weights = (labels != 0).to(per_position.dtype)
-    count = weights.sum()
-    return (per_position * weights).sum() / count.clamp(min=1), count
+    losses = -F.log_softmax(logits, dim=1)[:, 0]
+    return losses * (labels != 0).to(losses.dtype)
 
 
 def in_batch_negatives(

@@ -31,7 +31,7 @@ from models import jagged
 from models.config import EncoderType, ModelConfig, Negatives
 from models.embeddings import item_embedding_collection, item_rows, l2_normalize
 from models.hstu import HSTU
-from models.loss import in_batch_negatives, sampled_softmax_loss
+from models.loss import in_batch_negatives, sampled_softmax_losses
 from models.sasrec import SASRec
 
 Encoder = HSTU | SASRec
@@ -74,16 +74,30 @@ class GenerativeRecommender(nn.Module):
         Kept free of data-dependent Python control flow: TrainPipelineSparseDist fx-traces this method
         to find ``self.item_embeddings(batch.features)`` (the call must take the batch attribute as is).
         """
+        losses, labels = self.position_losses(batch)
+        num_labels = (labels != 0).sum().to(losses.dtype)
+        loss = losses.sum() / num_labels.clamp(min=1)
+        return loss, {"loss": loss.detach(), "num_labels": num_labels.detach()}
+
+    def position_losses(self, batch: SeqBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """([L] the loss of each position, [L] its label: the next item, 0 where there is none).
+
+        Position i's loss may depend on events 0..i of its history and on its label's identity,
+        nothing later (``tests/test_causality.py``).
+        """
         embeddings = self.item_embeddings(batch.features)
         seq_offsets = batch.seq_offsets()
         d = self.config.embedding_dim
-        history = self._history_rows(embeddings)
-        users = self.encoder(history, batch.timestamps, seq_offsets)
+        users = self.encoder(self._history_rows(embeddings), batch.timestamps, seq_offsets)
 
         eps = self.config.l2_norm_eps
         labels = jagged.next_item_labels(batch.item_ids(), batch.targets(), seq_offsets)
+        # A label is the item alone, as the negatives and every item scored in evaluation and serving.
+        # (With the rating added, each positive carried the next event's rating, which no negative has:
+        # the model learned to spot the positive by it and the loss fell towards 0.)
+        items = item_rows(embeddings[ITEM_FEATURE].values(), d)
         target_embeddings = item_rows(embeddings[TARGET_FEATURE].values(), d)
-        label_embeddings = jagged.next_item_labels(history, target_embeddings, seq_offsets)
+        label_embeddings = jagged.next_item_labels(items, target_embeddings, seq_offsets)
         label_embeddings = l2_normalize(label_embeddings, eps)
         if self.config.negatives is Negatives.IN_BATCH:
             negative_ids, negative_embeddings = in_batch_negatives(labels, label_embeddings)
@@ -92,11 +106,11 @@ class GenerativeRecommender(nn.Module):
             torch._assert(negative_ids.numel() > 0, "Negatives.UNIFORM needs the batch's negative pool")
             negative_embeddings = l2_normalize(item_rows(embeddings[NEGATIVE_FEATURE].values(), d), eps)
 
-        loss, num_labels = sampled_softmax_loss(
+        losses = sampled_softmax_losses(
             users, labels, label_embeddings, negative_ids, negative_embeddings, self.config.temperature,
             per_position=self.config.negatives_per_position,
         )
-        return loss, {"loss": loss.detach(), "num_labels": num_labels.detach()}
+        return losses, labels
 
     def encode(self, batch: SeqBatch) -> torch.Tensor:
         """[B, d] L2-normalised user embedding at each history's last position (predicts the target)."""
