@@ -4,7 +4,7 @@ The target's rank is 1 + the number of candidate items scoring strictly higher t
 candidates are all items except padding row 0 and the user's history (as generative-recommenders,
 which removes seen items before ranking). Three deliberate differences from GR:
 - Ties count in the target's favour (only strictly greater scores push it down): deterministic, and
-  with float scores of trained embeddings ties are rare.
+  with float scores of trained embeddings ties are rare. A NaN target score ranks last.
 - The target itself is always ranked, even if it also occurs in the history (GR would filter it out and
   count a miss). On ML-1M a user rates a movie once, so this never happens there.
 - MRR uses the exact rank; GR caps ranks at 2,500 (1/2501 beyond), a < 4e-4 difference per user.
@@ -54,8 +54,12 @@ def target_ranks(
     excluded = torch.zeros_like(scores, dtype=torch.bool)
     excluded[rows, history_ids] = True
     excluded[:, 0] = True
-    excluded[torch.arange(len(targets), device=targets.device), targets] = False
-    return 1 + ((scores > target_scores) & ~excluded).sum(dim=1)
+    # A NaN target score ranks last: every other candidate beats it. (NaN compares False, so it would
+    # otherwise rank first; a model whose user embeddings went NaN then scored HR@10 ~ 1.)
+    beats = (scores > target_scores) | target_scores.isnan()
+    row = torch.arange(len(targets), device=targets.device)
+    excluded[row, targets] = True  # the target does not beat itself
+    return 1 + (beats & ~excluded).sum(dim=1)
 
 
 def metric_names(hr_ks: Sequence[int] = HR_KS, ndcg_ks: Sequence[int] = NDCG_KS) -> list[str]:

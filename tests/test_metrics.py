@@ -28,6 +28,15 @@ def test_ranks_exclude_history_and_padding_and_count_ties_for_the_target() -> No
     assert target_ranks(scores, targets, history, lengths).tolist() == [2, 1, 5]
 
 
+def test_a_nan_target_score_ranks_last() -> None:
+    # Items 1..4. Row 0: the target's score is NaN (a diverged model) -> behind all 3 other candidates.
+    # Row 1: a NaN elsewhere never beats the target.
+    nan = float("nan")
+    scores = torch.tensor([[9.0, nan, 0.1, 0.2, 0.3], [9.0, 0.5, nan, 0.1, 0.9]])
+    ranks = target_ranks(scores, torch.tensor([1, 1]), torch.tensor([3]), torch.tensor([0, 1]))
+    assert ranks.tolist() == [4, 2]  # row 1: item 3 is history, 4 beats the target, 2 (NaN) does not
+
+
 def test_metric_values_and_cutoffs() -> None:
     ranks = torch.tensor([1, 10, 11, 50, 51, 200, 201])
     m = ranking_metrics(ranks)
