@@ -6,15 +6,17 @@ The sampler decides which users form each batch (a ``BatchPlan``); the dataset b
 Guarantees:
 - Every rank gets the same number of batches, and every batch has exactly ``batch_size`` rows, so
   collectives never wait on a rank that ran out.
-  - train: users are shuffled by (seed, epoch) and dealt round-robin into disjoint rank shards; a
-    shard short of whole batches is topped up by wrapping around to its own first users (a few
-    users appear twice per epoch; none is dropped).
+  - train: users are shuffled by (seed, epoch); the epoch's order is wrapped around to a whole number
+    of global batches (``batch_size * world_size`` rows; a few users appear twice per epoch, none is
+    dropped) and dealt round-robin to the ranks. Batch k of all ranks together is therefore batch k of
+    a single process with the global batch size: N ranks train on exactly what one rank would.
   - valid/test: no shuffle and no negatives; users are dealt round-robin so each is covered
     exactly once across ranks, and the last batches are filled with padding rows (``user_ids ==
     PADDING_USER``, history ``[0]``, target 0) that the evaluator drops.
 - Negatives are ``num_negatives`` ids drawn uniformly from 1..num_items per batch (the shared pool,
-  key "negative"), from a generator seeded by (seed, epoch, rank, batch index): a loader made with
-  ``start_batch=k`` yields exactly the batches k, k+1, ... of an uninterrupted epoch.
+  key "negative"), from a generator seeded by (seed, epoch, batch index): the same pool on every rank,
+  as one process would draw it for the global batch, and a loader made with ``start_batch=k`` yields
+  exactly the batches k, k+1, ... of an uninterrupted epoch.
 
 Example::
 
@@ -55,7 +57,7 @@ PADDING_USER = -1
 
 class Padding(StrEnum):
     WRAP = "wrap"
-    """Fill a rank's last batch with its own first users again (training)."""
+    """Wrap the epoch's order around to whole global batches: its first users again (training)."""
     MASK = "mask"
     """Fill it with padding rows, ``user_ids == PADDING_USER`` (evaluation)."""
 
@@ -93,8 +95,7 @@ class ShardedBatchSampler(Sampler[BatchPlan]):
         self.num_rows, self.batch_size, self.padding = num_rows, batch_size, padding
         self.shuffle, self.seed, self.epoch = shuffle, seed, epoch
         self.rank, self.world_size = rank, world_size
-        # Shards differ by at most one row; all ranks batch the largest one's worth.
-        self.num_batches = math.ceil(math.ceil(num_rows / world_size) / batch_size)
+        self.num_batches = math.ceil(num_rows / (world_size * batch_size))
         if not 0 <= start_batch <= self.num_batches:
             raise ValueError(f"start_batch {start_batch} is not in [0, {self.num_batches}]")
         self.start_batch = start_batch
@@ -109,11 +110,13 @@ class ShardedBatchSampler(Sampler[BatchPlan]):
             order = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_rows)
         else:
             order = np.arange(self.num_rows)
-        shard = order[self.rank :: self.world_size]
-        size = self.num_batches * self.batch_size
+        size = self.num_batches * self.batch_size * self.world_size
         if self.padding is Padding.WRAP:
-            return np.resize(shard, size)  # np.resize repeats the array cyclically
-        return np.concatenate([shard, np.full(size - shard.size, -1, dtype=shard.dtype)])
+            # np.resize repeats the order cyclically; dealing it out afterwards keeps the ranks' batch k
+            # together equal to batch k of one process with the global batch size.
+            return np.resize(order, size)[self.rank :: self.world_size]
+        shard = order[self.rank :: self.world_size]
+        return np.concatenate([shard, np.full(size // self.world_size - shard.size, -1, dtype=shard.dtype)])
 
     def __iter__(self) -> Iterator[BatchPlan]:
         shard, b = self.shard(), self.batch_size
@@ -140,13 +143,12 @@ class SplitDataset(Dataset[SeqBatch]):
         exclude_validation_from_train: bool = False,
         seed: int = 0,
         epoch: int = 0,
-        rank: int = 0,
     ) -> None:
         if num_negatives < 0 or (num_negatives > 0 and num_items < 1):
             raise ValueError(f"cannot draw {num_negatives} negatives from {num_items} items")
         self.sequences, self.split = sequences, Split(split)
         self.num_items, self.num_negatives = num_items, num_negatives
-        self.seed, self.epoch, self.rank = seed, epoch, rank
+        self.seed, self.epoch = seed, epoch
         start, target = history_bounds(
             sequences.lengths,
             self.split,
@@ -198,10 +200,11 @@ class SplitDataset(Dataset[SeqBatch]):
         )
 
     def negatives(self, batch_index: int) -> torch.Tensor:
-        """The shared negative pool of one batch; a function of (seed, epoch, rank, batch_index) only."""
+        """The shared negative pool of one batch, the same on every rank: a function of (seed, epoch,
+        batch_index) only."""
         if self.num_negatives == 0:
             return torch.zeros(0, dtype=torch.int64)
-        rng = np.random.default_rng([self.seed, self.epoch, self.rank, batch_index])
+        rng = np.random.default_rng([self.seed, self.epoch, batch_index])
         return torch.from_numpy(rng.integers(1, self.num_items + 1, size=self.num_negatives, dtype=np.int64))
 
 
@@ -246,7 +249,6 @@ def make_dataloader(
         exclude_validation_from_train=exclude_validation_from_train,
         seed=seed,
         epoch=epoch,
-        rank=rank,
     )
     if split_data.skipped:
         log.info("%s %s split: skipped %d users too short for it", dataset.name, split, split_data.skipped)

@@ -1,4 +1,4 @@
-"""The DataLoader: equal batch counts per rank, disjoint shards, exact resume, negatives, contents."""
+"""The DataLoader: equal batch counts per rank, N ranks = one process, exact resume, negatives, contents."""
 
 from __future__ import annotations
 
@@ -38,7 +38,9 @@ def assert_same(a: list[SeqBatch], b: list[SeqBatch]) -> None:
 @pytest.mark.parametrize(
     ("num_rows", "batch_size", "world_size"), [(10, 3, 4), (97, 8, 3), (64, 8, 8), (5, 32, 2)]
 )
-def test_sampler_equal_counts_disjoint_shards(num_rows: int, batch_size: int, world_size: int) -> None:
+def test_sampler_equal_counts_and_the_global_batch_of_one_process(
+    num_rows: int, batch_size: int, world_size: int
+) -> None:
     for padding in Padding:
         plans = [
             list(ShardedBatchSampler(num_rows, batch_size, padding=padding, shuffle=True, seed=1,
@@ -49,22 +51,32 @@ def test_sampler_equal_counts_disjoint_shards(num_rows: int, batch_size: int, wo
         assert all(len(plan.rows) == batch_size for p in plans for plan in p)  # and full batches
         shards = [{int(i) for plan in p for i in plan.rows if i >= 0} for p in plans]
         assert set().union(*shards) == set(range(num_rows))  # nobody left out
-        assert sum(len(s) for s in shards) == num_rows  # no user on two ranks
         if padding is Padding.MASK:
             real = [int(i) for p in plans for plan in p for i in plan.rows if i >= 0]
             assert len(real) == num_rows  # eval: each exactly once
             for p in plans:  # padding only at the end of a rank's epoch
                 rows = np.concatenate([plan.rows for plan in p])
                 assert (rows[: (rows >= 0).sum()] >= 0).all()
+        else:  # train: batch k of all ranks = batch k of one process with the global batch size
+            one = list(ShardedBatchSampler(num_rows, batch_size * world_size, padding=padding, shuffle=True,
+                                           seed=1))
+            assert len(one) == len(plans[0])
+            for k, plan in enumerate(one):
+                together = np.concatenate([p[k].rows for p in plans])
+                assert sorted(together.tolist()) == sorted(plan.rows.tolist()), k
 
 
-def test_train_loader_ranks_equal_and_disjoint(dataset: PreparedDataset) -> None:
+def test_train_loader_ranks_together_are_one_process(dataset: PreparedDataset) -> None:
     per_rank = [batches(dataset, Split.TRAIN, rank=r, world_size=3, epoch=2) for r in range(3)]
-    assert len({len(b) for b in per_rank}) == 1
-    users = [set(torch.cat([b.user_ids for b in bs]).tolist()) for bs in per_rank]
-    assert not (users[0] & users[1] or users[0] & users[2] or users[1] & users[2])
+    one = batches(dataset, Split.TRAIN, batch_size=96, epoch=2)
+    assert len({len(b) for b in per_rank}) == 1 and len(per_rank[0]) == len(one)
+    for k, batch in enumerate(one):
+        users = torch.cat([bs[k].user_ids for bs in per_rank])
+        assert sorted(users.tolist()) == sorted(batch.user_ids.tolist())
+        for bs in per_rank:  # the same negative pool on every rank as in the one process
+            assert torch.equal(bs[k].negatives(), batch.negatives())
     too_short = int((dataset.packed.lengths < 3).sum())
-    assert len(set().union(*users)) == dataset.num_users - too_short
+    assert len(set(torch.cat([b.user_ids for b in one]).tolist())) == dataset.num_users - too_short
 
 
 def test_resume_reproduces_the_rest_of_the_epoch(dataset: PreparedDataset) -> None:
@@ -77,14 +89,14 @@ def test_resume_reproduces_the_rest_of_the_epoch(dataset: PreparedDataset) -> No
         batches(dataset, Split.TRAIN, rank=1, world_size=2, start_batch=len(full) + 1)
 
 
-def test_shuffle_and_negatives_follow_seed_epoch_rank(dataset: PreparedDataset) -> None:
+def test_shuffle_and_negatives_follow_seed_and_epoch(dataset: PreparedDataset) -> None:
     a = batches(dataset, Split.TRAIN, epoch=0)
     assert_same(a, batches(dataset, Split.TRAIN, epoch=0))
     b = batches(dataset, Split.TRAIN, epoch=1)
     assert not torch.equal(a[0].user_ids, b[0].user_ids)
     assert not torch.equal(a[0].negatives(), b[0].negatives())
     r0, r1 = (batches(dataset, Split.TRAIN, rank=r, world_size=2) for r in (0, 1))
-    assert not torch.equal(r0[0].negatives(), r1[0].negatives())
+    assert not torch.equal(r0[0].user_ids, r1[0].user_ids)
     unshuffled = batches(dataset, Split.TRAIN, shuffle=False)
     assert unshuffled[0].user_ids.tolist() == sorted(unshuffled[0].user_ids.tolist())
 
