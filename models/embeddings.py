@@ -42,27 +42,68 @@ ITEM_INIT_STD = 0.02
 """GR initialises item embeddings from a normal(0, 0.02) truncated at two standard deviations."""
 
 
-def trunc_normal_(weight: torch.Tensor, std: float) -> torch.Tensor:
-    """GR's truncated normal (cut at +-2 std), in place.
+INIT_BLOCK_ROWS = 1 << 16
+"""Table rows are initialised in blocks of this many, each from its own seeded generator."""
 
-    Also takes the sharded weights TorchRec hands to a table's ``init_fn`` (a ShardedTensor or DTensor),
-    by initialising the local shards.
-    """
+
+def trunc_normal_(weight: torch.Tensor, std: float) -> torch.Tensor:
+    """GR's truncated normal (cut at +-2 std), in place, from the global generator (dense weights)."""
     with torch.no_grad():
-        if hasattr(weight, "local_shards"):
-            pieces = [shard.tensor for shard in weight.local_shards()]
-        elif hasattr(weight, "to_local"):
-            pieces = [weight.to_local()]
-        else:
-            pieces = [weight]
-        for piece in pieces:
-            nn.init.trunc_normal_(piece, std=std, a=-2 * std, b=2 * std)
+        nn.init.trunc_normal_(weight, std=std, a=-2 * std, b=2 * std)
     return weight
+
+
+def init_table_rows(weight: torch.Tensor, std: float = ITEM_INIT_STD, salt: int = 0) -> torch.Tensor:
+    """GR's truncated normal(0, std) for an embedding table, the same for every layout of the table.
+
+    Row r's initial value depends only on the global seed (``torch.initial_seed()``), ``salt`` and r:
+    rows are drawn in blocks of ``INIT_BLOCK_ROWS``, each block from its own generator. So one rank
+    holding the table and N ranks holding row- or column-wise shards of it start from the same weights,
+    and each rank draws only the blocks its shards touch (a 10M-row table is never drawn whole).
+
+    Takes a plain tensor (the whole table) or a ShardedTensor (this rank's shards, with their offsets in
+    the table). TorchRec's sharded modules call ``init_fn`` with a bare local slice, whose place in the
+    table is unknown here; ``training.distributed.shard_model`` calls it again on the state dict's
+    ShardedTensors.
+    """
+    if weight.dim() != 2:  # a rank that holds no shard of this table gets an empty placeholder
+        return weight
+    rows, cols = weight.shape
+    with torch.no_grad():
+        for piece, row0, col0 in _local_pieces(weight):
+            if piece.numel() == 0 or piece.device.type == "meta":
+                continue
+            first, last = row0 // INIT_BLOCK_ROWS, (row0 + piece.shape[0] - 1) // INIT_BLOCK_ROWS
+            for block in range(first, last + 1):
+                start, end = block * INIT_BLOCK_ROWS, min((block + 1) * INIT_BLOCK_ROWS, rows)
+                g = torch.Generator(device=piece.device)
+                g.manual_seed(((torch.initial_seed() * 1_000_003 + salt) * 1_000_003 + block) % 2**63)
+                values = torch.empty(end - start, cols, device=piece.device, dtype=torch.float32)
+                nn.init.trunc_normal_(values, std=std, a=-2 * std, b=2 * std, generator=g)
+                lo, hi = max(start, row0), min(end, row0 + piece.shape[0])
+                piece[lo - row0 : hi - row0] = values[lo - start : hi - start, col0 : col0 + piece.shape[1]]
+    return weight
+
+
+def _local_pieces(weight: torch.Tensor) -> list[tuple[torch.Tensor, int, int]]:
+    """(local tensor, first row, first column) of each part of ``weight`` that this rank holds."""
+    if hasattr(weight, "local_shards"):  # ShardedTensor
+        return [(s.tensor, *s.metadata.shard_offsets) for s in weight.local_shards()]
+    if hasattr(weight, "to_local"):  # DTensor: only whole replicas are expected here
+        if weight.to_local().shape != weight.shape:
+            raise NotImplementedError("initialising a DTensor shard needs its offsets; shard with ShardedTensor")
+        return [(weight.to_local(), 0, 0)]
+    return [(weight, 0, 0)]
 
 
 def init_item_rows(weight: torch.Tensor) -> torch.Tensor:
     """``init_fn`` of the item table: GR's truncated normal, std 0.02."""
-    return trunc_normal_(weight, ITEM_INIT_STD)
+    return init_table_rows(weight, ITEM_INIT_STD, salt=1)
+
+
+def init_rating_rows(weight: torch.Tensor) -> torch.Tensor:
+    """``init_fn`` of the rating table (its own generators, so it is not a copy of the first items)."""
+    return init_table_rows(weight, ITEM_INIT_STD, salt=2)
 
 
 def item_embedding_collection(
@@ -94,7 +135,7 @@ def item_embedding_collection(
                 num_embeddings=NUM_RATING_BUCKETS,
                 embedding_dim=table_dim(embedding_dim),
                 feature_names=[RATING_FEATURE],
-                init_fn=init_item_rows,
+                init_fn=init_rating_rows,
                 weight_init_min=-2 * ITEM_INIT_STD,
                 weight_init_max=2 * ITEM_INIT_STD,
             )

@@ -49,9 +49,12 @@ class GenerativeRecommender(nn.Module):
     Args:
         config: hyper-parameters.
         num_items: items are ids 1..num_items; the table has one more row, 0, for padding.
-        device: where to build everything; "meta" lets TorchRec's planner shard the table before any
-            memory is allocated (DistributedModelParallel then materialises the dense parameters and
-            calls each module's ``reset_parameters``, which gives GR's init).
+        device: where to build everything.
+        table_device: where to build the embedding tables, if not on ``device``: "meta" lets TorchRec's
+            planner shard them before any memory is allocated (DistributedModelParallel then
+            materialises each shard on its rank and calls the tables' ``init_fn``, which draws every row
+            the same way on any number of ranks). The encoder is built for real, so its initial
+            weights come from the global seed alone, not from what sharding the tables drew before.
 
     Attributes:
         item_embeddings: TorchRec ``EmbeddingCollection``, one table ``ITEM_TABLE`` serving the three
@@ -59,12 +62,18 @@ class GenerativeRecommender(nn.Module):
         encoder: ``HSTU`` or ``SASRec``.
     """
 
-    def __init__(self, config: ModelConfig, num_items: int, device: torch.device | None = None) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        num_items: int,
+        device: torch.device | None = None,
+        table_device: torch.device | None = None,
+    ) -> None:
         super().__init__()
         self.config = config
         self.num_items = num_items
         self.item_embeddings = item_embedding_collection(
-            num_items, config.embedding_dim, device, ratings=config.rating_embeddings
+            num_items, config.embedding_dim, table_device or device, ratings=config.rating_embeddings
         )
         self.encoder = build_encoder(config, device)
 

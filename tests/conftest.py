@@ -7,7 +7,11 @@ from a copied one): they are written here, before any test runs, and ignored by 
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
+
+from training.checkpoint import KEY_ENV
 
 FORMATS = Path(__file__).parent / "fixtures" / "formats"
 
@@ -37,6 +41,8 @@ GENERATED = {FORMATS / "movielens-dat" / "ratings.dat": _MOVIELENS_DAT,
 
 
 def pytest_sessionstart(session) -> None:  # noqa: ARG001 (pytest's hook signature)
+    # Checkpoints written by the tests are signed with a key of the session's own, not the user's.
+    os.environ.setdefault(KEY_ENV, str(Path(tempfile.mkdtemp(prefix="genrec-key-")) / "checkpoint.key"))
     for path, text in GENERATED.items():
         if not path.exists() or path.read_text() != text:
             path.write_text(text)

@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from tests.test_training import ROOT, torchrun
+from tests.launch import ROOT, torchrun
 from training.config import load_config
 from training.evaluate import find_sasrec_run, resolve_checkpoint
 

@@ -1,97 +1,113 @@
-"""The training loop for real: torchrun, gloo, DMP, TrainPipelineSparseDist, checkpoints, resume."""
+"""The training loop for real (torchrun, gloo, DMP, TrainPipelineSparseDist): its outputs, and what a
+kill leaves behind. Several ranks against one: tests/test_rank_equivalence.py."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
-import yaml
 
+from tests.launch import ENV, ROOT, TIMEOUT_S, TINY, command, epoch_records, step_losses, torchrun, write_config
+from training.checkpoint import latest, read_progress
 from training.config import ShardingKind, load_config
 
-ROOT = Path(__file__).resolve().parents[1]
-
-TINY = {
-    "data": {"dataset": "synthetic", "max_len": 20, "batch_size": 32, "eval_batch_size": 128,
-             "num_negatives": 64},
-    "model": {"max_seq_len": 20, "embedding_dim": 16, "attention_dim": 8, "linear_dim": 8, "num_blocks": 2,
-              "rating_embeddings": True},
-    "optim": {"lr": 3.0e-3, "sparse_lr": 0.05},
-    "sharding": {"tables": {"item_table": "row_wise", "rating_table": "table_wise"}},
-    "run": {"epochs": 1, "tensorboard": False, "topk": 10, "keep_checkpoints": 3},
-}
-
-
-def torchrun(tmp: Path, name: str, *overrides: str, nproc: int = 2, resume: bool = False) -> Path:
-    config = tmp / "tiny.yaml"
-    if not config.exists():
-        cfg = json.loads(json.dumps(TINY))
-        cfg["data"]["root"] = str(tmp / "datasets")
-        cfg["run"]["out_dir"] = str(tmp / "runs")
-        config.write_text(yaml.safe_dump(cfg))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "training.train", "--config", str(config), f"run.name={name}", *overrides]
-    if resume:
-        cmd.append("--resume")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return tmp / "runs" / name
-
-
-def step_losses(run: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (run / "steps.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows}
+ONE = {**TINY, "sharding": {}, "run": {**TINY["run"], "epochs": 2, "checkpoint_every": 4}}
+"""One process, two whole epochs of ~32 steps, a checkpoint every 4 steps."""
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, Path]:
-    tmp = tmp_path_factory.mktemp("train")
-    full = torchrun(tmp, "full", "run.max_steps=12")
-    stopped = torchrun(tmp, "resumed", "run.max_steps=7")
-    losses_before_resume = step_losses(stopped)
-    resumed = torchrun(tmp, "resumed", "run.max_steps=12", resume=True)
-    return {"full": full, "resumed": resumed, "before_resume": losses_before_resume}
+def tmp(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("train")
 
 
-def test_two_ranks_shard_one_table_row_wise_and_one_table_wise(runs):
-    plan = (runs["full"] / "plan.txt").read_text()
-    rows: dict[str, str] = {}
-    for line in plan.splitlines():  # the first table of the plan: param | sharding type | kernel | ranks
-        if line.startswith(("item_table ", "rating_table ")):
-            rows.setdefault(line.split()[0], line)
-    assert "row_wise" in rows["item_table"] and "[0, 1]" in rows["item_table"], plan  # rows split over both ranks
-    assert "table_wise" in rows["rating_table"], plan
+@pytest.fixture(scope="module")
+def unbroken(tmp: Path) -> Path:
+    return torchrun(tmp, "unbroken", nproc=1, config=ONE)
 
 
-def test_loss_falls(runs):
-    losses = step_losses(runs["full"])
-    assert len(losses) == 12
-    first = sum(losses[s] for s in (1, 2, 3)) / 3
-    last = sum(losses[s] for s in (10, 11, 12)) / 3
-    assert last < first - 0.3, losses
+def test_run_outputs(unbroken: Path) -> None:
+    for name in ("config.yaml", "metrics.json", "predictions.parquet", "export/config.json", "plan.txt",
+                 "checkpoints/best"):
+        assert (unbroken / name).exists(), name
+    records, summary = epoch_records(unbroken), json.loads((unbroken / "metrics.json").read_text())
+    best = max(records, key=lambda r: r["valid/ndcg@10"])  # the first of equals, as the trainer keeps it
+    assert summary["best_epoch"] == best["epoch"] and summary["valid_ndcg@10"] == best["valid/ndcg@10"]
+    marker = (unbroken / "checkpoints" / "best").read_text().strip()
+    assert read_progress(unbroken / "checkpoints" / marker).global_step == best["global_step"]
 
 
-def test_resume_continues_exactly(runs):
-    full = step_losses(runs["full"])
-    before = runs["before_resume"]
-    assert sorted(before) == list(range(1, 8))
-    resumed = step_losses(runs["resumed"])
-    for step in range(1, 13):
-        assert resumed[step] == pytest.approx(full[step], rel=1e-5, abs=1e-6), (step, resumed, full)
+def test_a_kill_loses_no_logged_step_and_resume_continues_exactly(tmp: Path, unbroken: Path) -> None:
+    """kill -9 mid-epoch: every step finished before the kill is in steps.jsonl (it was block-buffered and
+    lost them); the resumed run logs each step once, with the unbroken run's losses."""
+    config = write_config(tmp, ONE, "one.yaml")
+    proc = subprocess.Popen(command(config, "killed", nproc=1), cwd=ROOT, env=ENV, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run = tmp / "runs" / "killed"
+    deadline = time.monotonic() + TIMEOUT_S
+    while time.monotonic() < deadline and proc.poll() is None:
+        checkpoints = run / "checkpoints"
+        if (c := latest(checkpoints)) is not None and read_progress(c).global_step >= 8:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    saved = read_progress(latest(run / "checkpoints")).global_step
+    logged = step_losses(run)
+    assert sorted(logged) == list(range(1, len(logged) + 1)) and len(logged) >= saved, (saved, sorted(logged))
+
+    resumed = torchrun(tmp, "killed", nproc=1, resume=True, file="one.yaml")
+    full, again = step_losses(unbroken), step_losses(resumed)
+    assert sorted(again) == sorted(full)
+    for step in full:
+        assert again[step] == pytest.approx(full[step], rel=1e-5), step
+    assert [r["epoch"] for r in epoch_records(resumed)] == [0, 1]
+    assert json.loads((resumed / "metrics.json").read_text()) == pytest.approx(
+        json.loads((unbroken / "metrics.json").read_text()), rel=1e-5)
 
 
-def test_run_outputs(runs):
-    run = runs["full"]
-    for name in ("config.yaml", "metrics.json", "predictions.parquet", "export/config.json", "plan.txt"):
-        assert (run / name).exists(), name
-    metrics = json.loads((run / "metrics.json").read_text())
-    assert 0.0 <= metrics["test/hr@10"] <= 1.0
-    assert metrics["test/hr@10"] <= metrics["test/hr@50"] <= metrics["test/hr@200"]
+KILL_AFTER_COMMIT = """
+import os, sys
+from training import checkpoint
+write = checkpoint.write_best_marker
+def killed_before_the_marker(root, progress):
+    if progress.best_step == progress.global_step and progress.best_epoch >= 1:
+        os._exit(9)  # the new best checkpoint is committed; its marker is not written
+    write(root, progress)
+checkpoint.write_best_marker = killed_before_the_marker
+from training.train import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_kill_between_the_commit_and_the_best_marker_leaves_one_story(tmp: Path) -> None:
+    """The run is killed right after a new best epoch's checkpoint is committed, before the ``best`` marker
+    moves. Resumed, its metrics.json, ``best``, export and metrics.jsonl must all tell the same story
+    as a run that was never killed (it named one epoch best and evaluated another, and lost a line)."""
+    config = {**TINY, "sharding": {}, "run": {**TINY["run"], "epochs": 4, "steps_per_epoch": 4}}
+    path = write_config(tmp, config, "best.yaml")
+    args = command(path, "interrupted", nproc=1)[args_start(path):]
+    proc = subprocess.run([sys.executable, "-c", KILL_AFTER_COMMIT, *args], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert proc.returncode == 9, f"no later epoch was a new best, or it failed:\n{proc.stderr[-3000:]}"
+    resumed = torchrun(tmp, "interrupted", nproc=1, resume=True, file="best.yaml")
+    clean = torchrun(tmp, "clean", nproc=1, file="best.yaml")
+    assert [r["epoch"] for r in epoch_records(resumed)] == [0, 1, 2, 3]
+    for name in ("metrics.json",):
+        assert json.loads((resumed / name).read_text()) == pytest.approx(json.loads((clean / name).read_text()),
+                                                                         rel=1e-5)
+    assert (resumed / "checkpoints" / "best").read_text() == (clean / "checkpoints" / "best").read_text()
+
+
+def args_start(config: Path) -> int:
+    """Where training.train's own arguments begin in ``command``'s list (after torchrun's)."""
+    return command(config, "x", nproc=1).index("--config")
 
 
 def test_config_overrides_and_errors(tmp_path):

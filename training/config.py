@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from data.synthetic import SyntheticConfig
 from models.config import ModelConfig
 
 
@@ -37,7 +38,11 @@ class SparseOptimizer(enum.StrEnum):
 
 
 class ShardingKind(enum.StrEnum):
-    """How one embedding table is laid out over the ranks (TorchRec's ShardingType values)."""
+    """How one embedding table is laid out over the ranks (TorchRec's ShardingType values).
+
+    DATA_PARALLEL replicates the table on every rank and all-reduces its whole gradient each step: for
+    small tables only (the rating table), never for a catalogue.
+    """
 
     TABLE_WISE = "table_wise"
     ROW_WISE = "row_wise"
@@ -45,14 +50,33 @@ class ShardingKind(enum.StrEnum):
     DATA_PARALLEL = "data_parallel"
 
 
+class EmbeddingKernel(enum.StrEnum):
+    """Where a table's rows live and how they are updated (TorchRec's compute kernels).
+
+    FUSED: in device memory (host memory on CPU), the optimizer fused into FBGEMM's backward.
+    FUSED_UVM_CACHING: in host memory, with the most used ``ShardingConfig.cache_load_factor`` of the rows
+        cached in device memory: a table larger than the GPU (CUDA only).
+    FUSED_UVM: in host memory, read over PCIe on every lookup, no cache (CUDA only).
+    A DATA_PARALLEL table always uses TorchRec's dense kernel (the only one it allows).
+    """
+
+    FUSED = "fused"
+    FUSED_UVM_CACHING = "fused_uvm_caching"
+    FUSED_UVM = "fused_uvm"
+
+
 @dataclass
 class DataConfig:
     dataset: str = "ml-1m"
     """A dataset name known to ``data.prepare`` or a path to a ratings file."""
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    """Its size and shape when ``dataset`` is "synthetic" (``data.synthetic.SyntheticConfig``)."""
     root: str = "datasets"
     max_len: int = 200
     batch_size: int = 128
+    """The global batch: split evenly over the ranks, so a config trains the same model on any number."""
     eval_batch_size: int = 256
+    """Per rank; evaluation results do not depend on it."""
     num_negatives: int = 128
     """Size of the negative pool shared by all positions of a batch."""
     exclude_validation_from_train: bool = False
@@ -78,6 +102,15 @@ class OptimConfig:
 class ShardingConfig:
     tables: dict[str, ShardingKind] = field(default_factory=dict)
     """Sharding type per table name; a table not listed is left to the planner's choice."""
+    kernels: dict[str, EmbeddingKernel] = field(default_factory=dict)
+    """Compute kernel per table name; a table not listed gets FUSED."""
+    cache_load_factor: float = 0.2
+    """FUSED_UVM_CACHING: the share of a table's rows that the device cache holds."""
+    device_memory_gb: float = 0.0
+    """Device memory per rank: what the planner plans with and (CUDA) what the process may allocate;
+    0 = the card's own (on CPU: host memory)."""
+    reserved_fraction: float = 0.3
+    """Share of ``device_memory_gb`` the planner leaves to the dense model and activations."""
 
 
 @dataclass
@@ -104,6 +137,11 @@ class RunConfig:
     topk: int = 200
     """Length of the recommendation lists written to predictions.parquet."""
     tensorboard: bool = True
+    collective_timeout_s: int = 600
+    """A collective that waits longer than this (a rank died or went astray) fails the run."""
+    trust_checkpoints: bool = False
+    """Load (``--resume``) checkpoints whose signature does not verify: checkpoints are pickles, and
+    loading one runs code it carries (``training.checkpoint``). Only for checkpoints you trust."""
 
 
 @dataclass

@@ -221,7 +221,7 @@ def resolve_checkpoint(run_dir: Path, which: str = "best") -> Path:
 
 
 def evaluate_checkpoint(
-    cfg: TrainConfig, dataset: PreparedDataset, path: Path, ctx: DistContext, *, topk: int
+    cfg: TrainConfig, dataset: PreparedDataset, path: Path, ctx: DistContext, *, topk: int, trust: bool = False
 ) -> EvalResult:
     """Builds the run's model on meta, shards it over this process group, loads ``path`` into it (DCP
     reshards a checkpoint written by any number of ranks) and evaluates the test split."""
@@ -230,7 +230,7 @@ def evaluate_checkpoint(
     # kernel every device has (a run trained with Adam on GPU then loads on a CPU) and it holds no state.
     optim = dataclasses.replace(cfg.optim, sparse_optimizer=SparseOptimizer.SGD)
     dmp, _ = shard_model(model, ctx, cfg.sharding, optim)
-    checkpoint.load(path, dmp, None)
+    checkpoint.load(path, dmp, None, trust=trust)
     result = evaluate(dmp.module, eval_loader(cfg, dataset, ctx), dataset.num_items, ctx.device, topk=topk)
     del dmp, model
     gc.collect()  # release the sharded modules before the next model or the process group goes
@@ -280,16 +280,17 @@ def evaluate_run(
     checkpoint_name: str = "best",
     baseline_run: str = "auto",
     out_dir: Path | None = None,
+    trust: bool = False,
 ) -> dict[str, Any] | None:
     """Evaluates ``run_dir`` and its baselines on the test split, writes ``out_dir`` (default
     ``run_dir/eval``) and returns the metrics.json content (on rank 0; None on the others)."""
     cfg = load_config(run_dir / "config.yaml")
-    dataset = prepare(cfg.data.dataset, root=cfg.data.root)
+    dataset = prepare(cfg.data.dataset, root=cfg.data.root, synthetic=cfg.data.synthetic)
     path = resolve_checkpoint(run_dir, checkpoint_name)
     # Coverage@10 needs at least 10 items per user; the lists otherwise follow the training-time length.
     topk = max(cfg.run.topk, BEYOND_K)
     log.info("evaluating %s (%s) on the %s test split", run_dir, path.name, dataset.name)
-    results = {"model": evaluate_checkpoint(cfg, dataset, path, ctx, topk=topk)}
+    results = {"model": evaluate_checkpoint(cfg, dataset, path, ctx, topk=topk, trust=trust)}
 
     counts = analysis.item_popularity(dataset.sequences["item_ids"], dataset.num_items,
                                       drop_last=2 if cfg.data.exclude_validation_from_train else 1)
@@ -302,12 +303,13 @@ def evaluate_run(
     sasrec_info: dict[str, str] = {}
     if sasrec is not None:
         sasrec_cfg = load_config(sasrec / "config.yaml")
-        sasrec_data = prepare(sasrec_cfg.data.dataset, root=sasrec_cfg.data.root)
+        sasrec_data = prepare(sasrec_cfg.data.dataset, root=sasrec_cfg.data.root,
+                              synthetic=sasrec_cfg.data.synthetic)
         if sasrec_data.manifest.checksum != dataset.manifest.checksum:
             raise ValueError(f"baseline run {sasrec} was trained on other data than {run_dir}")
         sasrec_path = resolve_checkpoint(sasrec, "best")
         log.info("baseline: evaluating %s (%s)", sasrec, sasrec_path.name)
-        results["sasrec"] = evaluate_checkpoint(sasrec_cfg, sasrec_data, sasrec_path, ctx, topk=topk)
+        results["sasrec"] = evaluate_checkpoint(sasrec_cfg, sasrec_data, sasrec_path, ctx, topk=topk, trust=trust)
         sasrec_info = {"run": str(sasrec), "checkpoint": sasrec_path.name,
                        "encoder": sasrec_cfg.model.encoder.value}
     if not ctx.is_main:
@@ -370,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     ctx = init_process_group(args.device or load_config(run_dir / "config.yaml").run.device)
     try:
         report = evaluate_run(run_dir, ctx, checkpoint_name=args.checkpoint, baseline_run=args.baseline_run,
-                              out_dir=Path(args.out) if args.out else None)
+                              out_dir=Path(args.out) if args.out else None, trust=args.trust_checkpoint)
         if report is not None:
             print(summary_table(report))
             print(f"wrote {Path(args.out) if args.out else run_dir / EVAL_DIR}")
@@ -391,6 +393,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                          'with model.encoder: sasrec) or "none"')
     ap.add_argument("--out", help="output directory (default: <run>/eval)")
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: the run's run.device")
+    ap.add_argument("--trust-checkpoint", action="store_true",
+                    help="load checkpoints whose signature does not verify (checkpoints are pickles: loading one "
+                         "runs code it carries; see training/checkpoint.py)")
     return ap.parse_args(argv)
 
 

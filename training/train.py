@@ -16,10 +16,11 @@ import contextlib
 import gc
 import json
 import logging
+import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -27,6 +28,7 @@ import torch.distributed as dist
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from tqdm import tqdm
 
+from data.batch import SeqBatch
 from data.loader import make_dataloader
 from data.prepare import PreparedDataset, prepare
 from data.splits import Split
@@ -35,6 +37,7 @@ from training import checkpoint
 from training.config import TrainConfig, load_config, save_config
 from training.distributed import (
     DistContext,
+    check_shared_directory,
     cleanup,
     describe_plan,
     init_process_group,
@@ -49,7 +52,7 @@ log = logging.getLogger("training")
 SELECT_METRIC = "ndcg@10"
 
 
-@dataclass
+@dataclass(repr=False)  # the default repr would print the model (and TorchRec's logging asks for it)
 class Trainer:
     """The state of one training run on one rank."""
 
@@ -60,12 +63,22 @@ class Trainer:
     model: torch.nn.Module  # DistributedModelParallel
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
-    pipeline: TrainPipelineSparseDist
     progress: checkpoint.Progress
+    pipeline: TrainPipelineSparseDist = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.pipeline = TrainPipelineSparseDist(self.model, self.optimizer, self.ctx.device,
+                                                custom_model_fwd=self.forward)
 
     @property
     def net(self) -> GenerativeRecommender:
         return self.model.module  # type: ignore[return-value]
+
+    def forward(self, batch: SeqBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The training forward of one rank's batch: (loss to backpropagate, stats of the global batch)."""
+        autocast = self.ctx.device.type == "cuda" and self.cfg.run.bf16
+        with torch.autocast("cuda", dtype=torch.bfloat16) if autocast else contextlib.nullcontext():
+            return global_mean_loss(*self.model(batch))
 
     # --- one epoch --------------------------------------------------------------------------
     def train_epoch(self, epoch: int) -> dict[str, float]:
@@ -78,7 +91,9 @@ class Trainer:
         it = iter(loader)
         bar = tqdm(total=steps, initial=p.step_in_epoch, desc=f"epoch {epoch}", disable=not self.ctx.is_main,
                    dynamic_ncols=True, leave=False, mininterval=1.0 if sys.stderr.isatty() else 30.0)
-        step_log = (self.run_dir / "steps.jsonl").open("a") if self.ctx.is_main else None
+        # Line-buffered: every finished step's line reaches the file at once (a kill loses none), and a
+        # resumed run first drops the lines past its checkpoint (``_rewind_logs``), so none repeats.
+        step_log = (self.run_dir / "steps.jsonl").open("a", buffering=1) if self.ctx.is_main else None
         loss_sum, n, t0 = 0.0, 0, time.perf_counter()
         finished = False
         while not self.out_of_steps():
@@ -95,6 +110,9 @@ class Trainer:
             p.step_in_epoch += 1
             p.global_step += 1
             loss = float(stats["loss"])
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"the loss is {loss} at step {p.global_step} (epoch {epoch}); "
+                                         "lower optim.lr or check the data")
             loss_sum += loss
             n += 1
             bar.update(1)
@@ -122,7 +140,7 @@ class Trainer:
         return make_dataloader(
             self.dataset,
             split,
-            batch_size=cfg.batch_size if train else cfg.eval_batch_size,
+            batch_size=cfg.batch_size // self.ctx.world_size if train else cfg.eval_batch_size,
             max_len=cfg.max_len,
             num_negatives=cfg.num_negatives if train else 0,
             shuffle=train,
@@ -146,6 +164,10 @@ class Trainer:
         return checkpoint.save(self.run_dir / "checkpoints", self.model, self.optimizer, self.progress,
                                self.cfg.run.keep_checkpoints)
 
+    def load_checkpoint(self, path: Path, *, weights_only: bool = False) -> checkpoint.Progress:
+        return checkpoint.load(path, self.model, None if weights_only else self.optimizer,
+                               trust=self.cfg.run.trust_checkpoints)
+
 
 # --- the run ---------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
@@ -155,30 +177,36 @@ def main(argv: list[str] | None = None) -> int:
         cfg.run.resume = True
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr, force=True)
-    ctx = init_process_group(cfg.run.device)
+    ctx = init_process_group(cfg.run.device, cfg.run.collective_timeout_s)
     if not ctx.is_main:
         logging.getLogger().setLevel(logging.WARNING)
-    trainer = None
+    trainer, ok = None, False
     try:
         trainer = build(cfg, ctx, args.config)
         fit(trainer)
+        ok = True
     finally:
-        # Release everything that holds process-group resources before destroying the group.
+        # Release everything that holds process-group resources before destroying the group. After a
+        # failure, no barrier: the other ranks are elsewhere, and torchrun stops them once this one exits.
         del trainer
         gc.collect()
-        cleanup()
+        cleanup(ok)
     return 0
 
 
 def build(cfg: TrainConfig, ctx: DistContext, config_path: str | None) -> Trainer:
+    if cfg.data.batch_size % ctx.world_size:
+        raise ValueError(f"data.batch_size={cfg.data.batch_size} is the global batch and must split evenly over "
+                         f"{ctx.world_size} ranks")
     torch.manual_seed(cfg.run.seed + ctx.rank)
-    dataset = prepare(cfg.data.dataset, root=cfg.data.root) if ctx.is_main else None
+    dataset = prepare(cfg.data.dataset, root=cfg.data.root, synthetic=cfg.data.synthetic) if ctx.is_main else None
     dist.barrier()  # rank 0 prepares (and caches) the data once; the others then read the cache
     if dataset is None:
-        dataset = prepare(cfg.data.dataset, root=cfg.data.root)
+        dataset = prepare(cfg.data.dataset, root=cfg.data.root, synthetic=cfg.data.synthetic)
     run_dir = resolve_run_dir(cfg, config_path, ctx)
-    torch.manual_seed(cfg.run.seed)  # the same initial dense weights on every rank
-    model = GenerativeRecommender(cfg.model, dataset.num_items, device=torch.device("meta"))
+    check_shared_directory(run_dir, ctx)
+    torch.manual_seed(cfg.run.seed)  # the same initial dense weights on every rank, for any number of ranks
+    model = GenerativeRecommender(cfg.model, dataset.num_items, device=ctx.device, table_device=torch.device("meta"))
     dmp, plan = shard_model(model, ctx, cfg.sharding, cfg.optim)
     optimizer, scheduler = make_optimizer(dmp, cfg.optim)
     torch.manual_seed(cfg.run.seed + 1000 + ctx.rank)  # dropout differs per rank
@@ -190,20 +218,60 @@ def build(cfg: TrainConfig, ctx: DistContext, config_path: str | None) -> Traine
     progress = checkpoint.Progress()
     latest = checkpoint.latest(run_dir / "checkpoints")
     if cfg.run.resume and latest is not None:
-        progress = checkpoint.load(latest, dmp, optimizer)
+        progress = checkpoint.load(latest, dmp, optimizer, trust=cfg.run.trust_checkpoints)
         scheduler.last_epoch = progress.global_step
         log.info("resumed from %s (epoch %d, step %d)", latest, progress.epoch, progress.step_in_epoch)
     elif cfg.run.resume:
         log.warning("--resume: no checkpoint under %s, starting fresh", run_dir / "checkpoints")
+    if ctx.is_main:
+        _rewind_logs(run_dir, progress)
 
-    autocast = ctx.device.type == "cuda" and cfg.run.bf16
+    return Trainer(cfg, ctx, run_dir, dataset, dmp, optimizer, scheduler, progress)
 
-    def forward(batch):
-        with torch.autocast("cuda", dtype=torch.bfloat16) if autocast else contextlib.nullcontext():
-            return dmp(batch)
 
-    pipeline = TrainPipelineSparseDist(dmp, optimizer, ctx.device, custom_model_fwd=forward)
-    return Trainer(cfg, ctx, run_dir, dataset, dmp, optimizer, scheduler, pipeline, progress)
+def global_mean_loss(loss: torch.Tensor, stats: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+    """Rescales each rank's mean loss so that N ranks take exactly the step one process would take on
+    the whole global batch, and logs the global batch's loss.
+
+    DDP (dense weights) and TorchRec's all-to-all backward (embeddings) both average the ranks'
+    gradients. The average of ``world * local sum / global count`` over the ranks is the global mean;
+    a plain per-rank mean would weigh a position of a rank with short histories more than one of a rank
+    with long ones.
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return loss, stats
+    count = stats["num_labels"]
+    totals = torch.stack([count, (loss * count).detach()]).float()
+    dist.all_reduce(totals)  # [global count, global loss sum]
+    total = totals[0].clamp(min=1)
+    scaled = loss * (count * dist.get_world_size() / total)
+    return scaled, {**stats, "loss": totals[1] / total, "num_labels": totals[0]}
+
+
+def _rewind_logs(run_dir: Path, progress: checkpoint.Progress) -> None:
+    """Drops what the logs hold past ``progress`` (a killed run logged steps and at most one epoch that its
+    last checkpoint does not have; the resumed run computes and logs them again), and re-derives the
+    ``best`` marker from it."""
+    for name, keep in (("steps.jsonl", lambda r: r["step"] <= progress.global_step),
+                       ("metrics.jsonl", lambda r: r["epoch"] < progress.epoch)):
+        path = run_dir / name
+        if path.exists():
+            lines = [line for line in path.read_text().splitlines() if line.strip()]
+            kept = [line for line in lines if _complete(line) and keep(json.loads(line))]
+            if len(kept) != len(lines):
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text("".join(line + "\n" for line in kept))
+                os.replace(tmp, path)
+    checkpoint.write_best_marker(run_dir / "checkpoints", progress)
+
+
+def _complete(line: str) -> bool:
+    """False for a line cut off by a kill in the middle of its write."""
+    try:
+        json.loads(line)
+    except ValueError:
+        return False
+    return True
 
 
 def fit(t: Trainer) -> None:
@@ -224,11 +292,11 @@ def fit(t: Trainer) -> None:
                 p.best_metric, p.best_epoch = valid[SELECT_METRIC], epoch
                 record["best"] = True
         p.epoch, p.step_in_epoch = epoch + 1, 0
-        saved = t.save_checkpoint()
-        if t.ctx.is_main:
-            if record.get("best"):
-                checkpoint.mark_best(t.run_dir / "checkpoints", saved)
+        if record.get("best"):
+            p.best_step = p.global_step  # the checkpoint saved next
+        if t.ctx.is_main:  # logged before the checkpoint commits: a resume from an older one drops it
             _log_epoch(record, t.run_dir / "metrics.jsonl", writer)
+        t.save_checkpoint()
         if t.out_of_steps():
             break
     if writer is not None:
@@ -238,11 +306,12 @@ def fit(t: Trainer) -> None:
 
 def finish(t: Trainer) -> None:
     """Evaluates the best epoch's weights on the test target; writes predictions and the export."""
-    best = checkpoint.best_checkpoint(t.run_dir / "checkpoints")
-    if best is not None:
+    # Every rank knows the best step from its own progress: no rank reads a file that another is writing.
+    if t.progress.best_name is not None:
+        best = t.run_dir / "checkpoints" / t.progress.best_name
         if not best.exists():
             raise FileNotFoundError(f"the best checkpoint {best} is gone; evaluate another with `make eval`")
-        checkpoint.load(best, t.model, None)
+        t.load_checkpoint(best, weights_only=True)
     result = t.evaluate(Split.TEST, with_topk=t.cfg.run.topk)
     if t.ctx.is_main:
         summary = {"best_epoch": t.progress.best_epoch, "valid_" + SELECT_METRIC: t.progress.best_metric,
