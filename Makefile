@@ -31,7 +31,7 @@ ARGS   ?=
 NPROC  ?= 1
 
 .PHONY: help venv protos data data-synthetic train test test-slow test-all lint eval serve notebook \
-        bench-kernel bench-train bench-serve bench-engine clean
+        bench-kernel bench-train bench-scale bench-serve bench-engine clean
 
 help:
 	@echo "make train       download ML-1M, train HSTU ($(CONFIG)), evaluate, export   (ARGS='key=value ...')"
@@ -41,7 +41,7 @@ help:
 	@echo "make eval        evaluate a run (RUN=runs/<name>)"
 	@echo "make serve       gRPC server on 127.0.0.1:$(PORT) for ARTIFACT=$(ARTIFACT)"
 	@echo "make notebook    open notebooks/offline_evaluation.ipynb"
-	@echo "make bench-kernel | bench-train | bench-serve | bench-engine"
+	@echo "make bench-kernel | bench-train | bench-scale | bench-serve | bench-engine   (NPROC=, ARGS=)"
 
 # --- environment -----------------------------------------------------------------------------
 $(STAMP): requirements/lock.txt Makefile
@@ -101,7 +101,10 @@ bench-kernel: $(STAMP)
 	$(PY) -m benchmarks.kernel $(ARGS)
 
 bench-train: data
-	$(PY) -m benchmarks.train $(ARGS)
+	$(PY) -m benchmarks.train --nproc $(NPROC) $(ARGS)
+
+bench-scale: $(STAMP)
+	$(PY) -m benchmarks.train --suite scale --nproc $(NPROC) $(ARGS)
 
 bench-serve: $(STAMP) protos
 	$(PY) -m benchmarks.serve $(ARGS)

@@ -28,7 +28,7 @@ import argparse
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -243,18 +243,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--root", default="datasets", help="where prepared datasets live (default: datasets)")
     parser.add_argument("--name", help="folder name under --root (default: from the dataset)")
     parser.add_argument("--force", action="store_true", help="rebuild even when the cache is valid")
-    synthetic = parser.add_argument_group("synthetic")
-    defaults = SyntheticConfig()
-    synthetic.add_argument("--num-users", type=int, default=defaults.num_users)
-    synthetic.add_argument("--num-items", type=int, default=defaults.num_items)
-    synthetic.add_argument("--mean-length", type=float, default=defaults.mean_length)
-    synthetic.add_argument("--seed", type=int, default=defaults.seed)
+    synthetic = parser.add_argument_group("synthetic (data.synthetic.SyntheticConfig)")
+    for f in fields(SyntheticConfig):  # one flag per field, so the CLI can build what a config can
+        synthetic.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    config = SyntheticConfig(
-        num_users=args.num_users, num_items=args.num_items, mean_length=args.mean_length, seed=args.seed
-    )
+    config = SyntheticConfig(**{f.name: getattr(args, f.name) for f in fields(SyntheticConfig)})
     dataset = prepare(
         args.dataset, args.root, fmt=args.format, name=args.name, synthetic=config, force=args.force
     )

@@ -40,6 +40,9 @@ class SyntheticConfig:
     max_length: int = 2000
     zipf_exponent: float = 1.1
     """Popularity of the item ranked r is proportional to r ** -zipf_exponent."""
+    min_item_events: int = 0
+    """Events every item gets before the Zipf draws, as in a log after a k-core filter: with 0, a large
+    catalogue's tail mostly never occurs (10M items and 25M events leave ~1M items seen)."""
     seed: int = 0
 
     def checksum(self) -> str:
@@ -51,6 +54,8 @@ def synthetic_interactions(config: SyntheticConfig = SyntheticConfig()) -> Inter
     """Raw ids are ints like MovieLens: users 1..num_users, items 1..num_items."""
     if config.num_users < 1 or config.num_items < 1 or not 1 <= config.min_length <= config.max_length:
         raise ValueError(f"invalid {config}")
+    if config.min_item_events < 0:
+        raise ValueError(f"min_item_events must be >= 0, got {config.min_item_events}")
     rng = np.random.default_rng(config.seed)
     # A log-normal with this mu has mean `mean_length`.
     mu = np.log(config.mean_length) - config.length_sigma**2 / 2
@@ -62,7 +67,11 @@ def synthetic_interactions(config: SyntheticConfig = SyntheticConfig()) -> Inter
     weights = np.arange(1, config.num_items + 1, dtype=np.float64) ** -config.zipf_exponent
     popularity = np.empty_like(weights)
     popularity[rng.permutation(config.num_items)] = weights / weights.sum()
-    items = rng.choice(config.num_items, size=total, p=popularity) + 1
+    covered = config.num_items * config.min_item_events
+    if covered > total:
+        raise ValueError(f"{total} events cannot give each of {config.num_items} items {config.min_item_events}")
+    items = np.concatenate([np.tile(np.arange(config.num_items), config.min_item_events),
+                            rng.choice(config.num_items, size=total - covered, p=popularity)]) + 1
 
     users = np.repeat(np.arange(1, config.num_users + 1, dtype=np.int64), lengths)
     starts = rng.integers(1_000_000_000, 1_600_000_000, size=config.num_users)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from data.synthetic import SyntheticConfig, synthetic_interactions
 
@@ -34,3 +35,12 @@ def test_shape_of_the_data() -> None:
     assert (by_time.groupby("user")["timestamp"].diff().dropna() > 0).all()
     assert not frame["user"].is_monotonic_increasing
     assert frame["timestamp"].dtype == np.int64
+
+
+def test_min_item_events_covers_the_catalogue() -> None:
+    config = SyntheticConfig(num_users=300, num_items=2000, mean_length=20, min_item_events=2, seed=1)
+    counts = synthetic_interactions(config).frame["item"].value_counts()
+    assert len(counts) == 2000 and counts.min() >= 2
+    assert counts.max() > 20  # the Zipf draws on top still make some items popular
+    with pytest.raises(ValueError, match="cannot give each"):
+        synthetic_interactions(SyntheticConfig(num_users=10, num_items=2000, min_item_events=1))
