@@ -7,7 +7,7 @@
 #   bash benchmarks/device_train.sh large      # HSTU-large on GPU 0
 #   bash benchmarks/device_train.sh nccl       # 2 GPUs, NCCL: item table row-wise, rating table table-wise
 #   bash benchmarks/device_train.sh scale [N]  # make bench-scale on N GPUs (default: all), the UVM-caching
-#                                              # run on one GPU held to 12 GB, and the GPU training tests
+#                                              # run on one GPU held to 14 GB, and the GPU training tests
 #   bash benchmarks/device_train.sh one-gpu    # within one 10-minute call: bench, then HSTU and SASRec
 #                                              # side by side on GPU 0, then `make eval` of the HSTU run
 #   bash benchmarks/device_train.sh sweep < runs.txt   # one run per line, "<name> <config> [overrides]",
@@ -70,14 +70,14 @@ case ${1:?bench, quality, large or nccl} in
     fi ;;
   scale)
     n=${2:-$gpus}
-    timeout 150 python3 -m pytest -q -m gpu tests/test_gpu_training.py -x -p no:cacheprovider 2>&1 \
+    timeout 120 python3 -m pytest -q -m gpu tests/test_gpu_training.py -x -p no:cacheprovider 2>&1 \
       | tee "$OUT/gpu-tests.txt" | tail -3
     python3 -m data.prepare --dataset synthetic --num-users 60000 --num-items 10000000 --mean-length 400 \
       --max-length 2000 --min-item-events 1 2>&1 | tail -1
-    timeout 240 python3 -m benchmarks.train --suite scale --nproc "$n" --steps 20 2>&1 | grep -v -i warn \
+    timeout 200 python3 -m benchmarks.train --suite scale --nproc "$n" --steps 20 2>&1 | grep -v -i warn \
       | tee "$OUT/bench-scale.txt" | tail -7
-    timeout 150 python3 -m benchmarks.train --suite scale --steps 20 --variants pipelined \
-      "sharding.kernels={item_table: fused_uvm_caching}" sharding.device_memory_gb=12 2>&1 | grep -v -i warn \
+    timeout 130 python3 -m benchmarks.train --suite scale --steps 20 --variants pipelined \
+      "sharding.kernels={item_table: fused_uvm_caching}" sharding.device_memory_gb=14 2>&1 | grep -v -i warn \
       | tee "$OUT/bench-scale-uvm.txt" | tail -6 ;;
   large)
     train 0 1 configs/ml-1m/hstu-large.yaml hstu-large-gpu "${@:2}"
