@@ -72,7 +72,7 @@ case ${1:?bench, quality, large or nccl} in
     n=${2:-$gpus}
     timeout 120 python3 -m pytest -q -m gpu tests/test_gpu_training.py -x -p no:cacheprovider 2>&1 \
       | tee "$OUT/gpu-tests.txt" | tail -3
-    python3 -m data.prepare --dataset synthetic --num-users 60000 --num-items 10000000 --mean-length 400 \
+    time python3 -m data.prepare --dataset synthetic --num-users 60000 --num-items 10000000 --mean-length 400 \
       --max-length 2000 --min-item-events 1 2>&1 | tail -1
     timeout 200 python3 -m benchmarks.train --suite scale --nproc "$n" --steps 20 2>&1 | grep -v -i warn \
       | tee "$OUT/bench-scale.txt" | tail -7
