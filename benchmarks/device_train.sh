@@ -76,8 +76,9 @@ case ${1:?bench, quality, large or nccl} in
       --max-length 2000 --min-item-events 1 2>&1 | tail -1
     timeout 200 python3 -m benchmarks.train --suite scale --nproc "$n" --steps 20 2>&1 | grep -v -i warn \
       | tee "$OUT/bench-scale.txt" | tail -7
-    timeout 130 python3 -m benchmarks.train --suite scale --steps 20 --variants pipelined \
-      "sharding.kernels={item_table: fused_uvm_caching}" sharding.device_memory_gb=14 2>&1 | grep -v -i warn \
+    timeout 130 python3 -m benchmarks.train --suite scale --steps 20 \
+      "sharding.kernels={item_table: fused_uvm_caching}" sharding.device_memory_gb=14 --variants pipelined 2>&1 \
+      | grep -v -i warn \
       | tee "$OUT/bench-scale-uvm.txt" | tail -6 ;;
   large)
     train 0 1 configs/ml-1m/hstu-large.yaml hstu-large-gpu "${@:2}"

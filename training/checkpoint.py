@@ -205,11 +205,11 @@ def verify(path: Path) -> None:
         files = json.loads((path / SIGNATURE).read_text())["files"]
         mine = [name for i, name in enumerate(sorted(files)) if i % world == rank]
         bad = [name for name in mine if not (path / name).is_file() or _sha256(path / name) != files[name]]
-        failed = torch.tensor([len(bad)], dtype=torch.int64)
-        dist.all_reduce(failed)
-        if failed.item():
-            problem[0] = f"{int(failed.item())} of its files differ from what was signed" + (
-                f" (e.g. {bad[0]})" if bad else "")
+        everyone: list = [None] * world
+        dist.all_gather_object(everyone, bad)  # an object collective: NCCL has no CPU tensors
+        bad = [name for names in everyone for name in names]
+        if bad:
+            problem[0] = f"{len(bad)} of its files differ from what was signed (e.g. {bad[0]})"
     if problem[0] is not None:
         raise UntrustedCheckpoint(
             f"refusing to load {path}: {problem[0]}. Checkpoints are pickles and loading one runs code, so only "
