@@ -133,6 +133,25 @@ class TextFile:
             with zipfile.ZipFile(self.path) as archive:
                 yield io.BytesIO(archive.read(self.member))
 
+    def arrow_input(self) -> pa.NativeFile:
+        """The file for pyarrow's CSV readers, which read ahead on Arrow's own threads.
+
+        Never a Python file object: Arrow's threads would call back into Python for every block, and
+        one still reading when the interpreter exits waits for the GIL for ever (``python -m
+        data.prepare`` hung after reporting a malformed file, issue #20). Not closed here: Arrow
+        closes the descriptor when its last reader lets go, so a read still in flight after a parse
+        error never meets a closed (or reused) descriptor.
+        """
+        if self.member is None:
+            return pa.OSFile(str(self.path))
+        with zipfile.ZipFile(self.path) as archive:
+            data = archive.read(self.member)
+        # Copied into Arrow's memory: a buffer over Python bytes takes the GIL to be released, which
+        # Arrow's threads may do at exit too.
+        buffer = pa.allocate_buffer(len(data))
+        pa.FixedSizeBufferWriter(buffer).write(data)
+        return pa.BufferReader(buffer)
+
 
 # --- ratings ------------------------------------------------------------------------------------
 def read_ratings(file: Path | TextFile, fmt: Format) -> pd.DataFrame:
@@ -195,13 +214,10 @@ def _csv_options(layout: Layout) -> dict[str, object]:
 
 def _parse_fast(file: TextFile, layout: Layout) -> pd.DataFrame:
     header_lines = int(layout.header is not None)
-    with file.open() as f:
-        if layout.header is not None:
-            first = f.readline().decode("utf-8", errors="replace").rstrip("\r\n").lstrip("\ufeff")
-            if first != layout.header:
-                raise _BadRow(1)
-            f.seek(0)
-        table = pacsv.read_csv(f, **_csv_options(layout))
+    source = file.arrow_input()
+    if layout.header is not None and _first_line(source) != layout.header:
+        raise _BadRow(1)
+    table = pacsv.read_csv(source, **_csv_options(layout))
     # What pyarrow accepts but the formats do not: NaN/inf ratings, empty ids, text in the gaps.
     bad = ~np.isfinite(table.column("rating").to_numpy())
     for name in table.column_names:
@@ -220,13 +236,25 @@ def _first_failing_line(file: TextFile, layout: Layout) -> int:
     """The first line of the first block pyarrow cannot read: the bad line is in that block, so the
     slow line scan can start there instead of at the top of a multi-GB file."""
     rows = 0
-    with file.open() as f:
-        try:
-            for batch in pacsv.open_csv(f, **_csv_options(layout)):
+    try:
+        # Closed on the error too, so its readahead stops here rather than running on to the exit.
+        with pacsv.open_csv(file.arrow_input(), **_csv_options(layout)) as reader:
+            for batch in reader:
                 rows += batch.num_rows
-        except pa.ArrowInvalid:
-            pass
+    except pa.ArrowInvalid:
+        pass  # raised by the first block it cannot read (by open_csv itself when that is the first)
     return rows + 1 + int(layout.header is not None)
+
+
+_HEAD_BYTES = 1 << 16
+"""Enough for any header line; a longer first line is not the header anyway."""
+
+
+def _first_line(source: pa.NativeFile) -> str:
+    """The first line, BOM and line end stripped; ``source`` is left at its start."""
+    head = source.read(_HEAD_BYTES)
+    source.seek(0)
+    return head.split(b"\n", 1)[0].decode("utf-8", errors="replace").rstrip("\r").lstrip("\ufeff")
 
 
 def _locate_error(

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.csv as pacsv
 import pytest
 
 from data.formats import (
@@ -191,3 +193,58 @@ def test_unknown_format_and_missing_ratings_file(tmp_path: Path) -> None:
         FileSource(tmp_path / "log.txt")
     with pytest.raises(FileNotFoundError, match="neither ratings.csv nor ratings.dat"):
         FileSource(tmp_path)
+
+
+# --- Arrow's reader threads ---------------------------------------------------------------------
+class _ClosingSpy:
+    """Stands for a CSVStreamingReader and notes whether it was closed."""
+
+    def __init__(self, reader: pacsv.CSVStreamingReader, log: list[str]) -> None:
+        self.reader, self.log = reader, log
+
+    def __iter__(self):  # noqa: ANN204
+        return iter(self.reader)
+
+    def __enter__(self) -> _ClosingSpy:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.log.append("closed")
+        self.reader.close()
+
+
+def test_arrow_reads_no_python_file_and_the_stream_is_closed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue #20, item 8. Arrow reads ahead on its own threads: handed a Python file object, they
+    call back into Python for every block, and one still reading when the interpreter exits waits
+    for the GIL for ever (``python -m data.prepare`` hung after naming the bad line). So Arrow must
+    get a native stream, and the streaming reader that looks for the failing block must be closed."""
+    inputs: list[object] = []
+    log: list[str] = []
+    real_read, real_open = pacsv.read_csv, pacsv.open_csv
+
+    def read_csv(source: object, **kwargs: object) -> pa.Table:
+        inputs.append(source)
+        return real_read(source, **kwargs)
+
+    def open_csv(source: object, **kwargs: object) -> _ClosingSpy:
+        inputs.append(source)
+        return _ClosingSpy(real_open(source, **kwargs), log)
+
+    monkeypatch.setattr(pacsv, "read_csv", read_csv)
+    monkeypatch.setattr(pacsv, "open_csv", open_csv)
+    path = tmp_path / "ratings.csv"
+    # The first 1 MB block is fine, so the streaming reader opens and fails later, while reading.
+    rows = [f"{i % 50 + 1},{i % 300 + 1},4.0,{1_000_000_000 + i}\n" for i in range(60_000)]
+    rows[50_000] = "1,2,3.0,4,5\n"
+    path.write_text(HEADER + "".join(rows))
+    with pytest.raises(MalformedFileError, match="ratings.csv line 50002: .* got 5 fields"):
+        read_ratings(path, Format.MOVIELENS_CSV)
+    assert len(inputs) == 2  # the fast read, then the streaming reader
+    python_files = [s for s in inputs if not isinstance(s, pa.NativeFile) or isinstance(s, pa.PythonFile)]
+    assert python_files == []
+    assert log == ["closed"]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +21,7 @@ from data.prepare import PreparedDataset, prepare, summary_line
 from data.sequences import index_interactions
 from data.synthetic import SyntheticConfig
 
+REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures"
 SLICE = FIXTURES / "ml-latest-small"
 
@@ -221,3 +224,28 @@ def test_missing_cache_file_rebuilds(slice_copy: Path, tmp_path: Path) -> None:
     (root / "ml-latest-small" / "items.parquet").unlink()
     rebuilt = prepare(slice_copy, root)
     assert not rebuilt.from_cache and (root / "ml-latest-small" / "items.parquet").is_file()
+
+
+# --- the CLI on bad input -----------------------------------------------------------------------
+HANG_RUNS = 10
+HANG_TIMEOUT_S = 30  # a run takes about a second; one that has not exited by then is hung
+
+
+def test_cli_exits_promptly_on_a_malformed_file(tmp_path: Path) -> None:
+    """Issue #20, item 8: after reporting a malformed file, the CLI hung at exit in some runs (Arrow's
+    readahead thread was still reading the file through Python when the interpreter shut down).
+    Every run must end at once, with status 1 (not an abort either) and the file and line named."""
+    path = tmp_path / "ratings.csv"
+    # 5 fields per row, ~9 MB: several blocks for Arrow to read ahead after the first one fails.
+    rows = (f"{i % 500 + 1},{i % 3000 + 10},4.0,{1_000_000_000 + i},x\n" for i in range(300_000))
+    path.write_text("userId,movieId,rating,timestamp\n" + "".join(rows))
+    expected = f"{path} line 2: expected userId,movieId,rating,timestamp (4 fields), got 5 fields"
+    command = [sys.executable, "-m", "data.prepare", "--dataset", str(path), "--root", str(tmp_path / "ds")]
+    for run in range(1, HANG_RUNS + 1):
+        try:
+            done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=HANG_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"run {run} of {HANG_RUNS} did not exit within {HANG_TIMEOUT_S} s")
+        assert done.returncode == 1, f"run {run}: status {done.returncode}\n{done.stderr[-2000:]}"
+        assert expected in done.stderr
+    assert not (tmp_path / "ds").exists()  # nothing cached from a file that failed
