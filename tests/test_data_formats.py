@@ -13,6 +13,7 @@ import pyarrow.csv as pacsv
 import pytest
 
 from data.formats import (
+    MAX_TIMESTAMP,
     FileSource,
     Format,
     MalformedFileError,
@@ -22,6 +23,7 @@ from data.formats import (
     read_titles,
 )
 from data.interactions import COLUMNS
+from serving import validation
 
 FIXTURES = Path(__file__).parent / "fixtures"
 FORMATS = FIXTURES / "formats"
@@ -162,6 +164,10 @@ def test_malformed_fixture_names_file_and_line(name: str, fmt: Format, message: 
         (Format.MOVIELENS_DAT, "1::2::3::4\n1::3:3::5\n", 2, "got 3 fields"),
         (Format.AMAZON_CSV, "A,1,3.0,4\n,2,3.0,5\n", 2, "user '' is not an id"),
         (Format.AMAZON_CSV, "A,1,3.0,4\nA,\xff,3.0,5\n", 2, "not UTF-8"),
+        # Serving refuses times outside [0, 2**53) seconds, so preparation does too.
+        (Format.MOVIELENS_CSV, HEADER + "1,2,3.0,4\n1,3,3.0,-5\n", 3, "timestamp '-5' is not a time"),
+        (Format.MOVIELENS_DAT, "1::2::3::-1\n1::3::3::5\n", 1, "Timestamp '-1' is not a time"),
+        (Format.AMAZON_CSV, f"A,1,3.0,4\nA,2,3.0,{2**53}\n", 2, f"timestamp '{2**53}' is not a time"),
     ],
 )
 def test_bad_rows_are_named(tmp_path: Path, fmt: Format, text: str, line: int, complaint: str) -> None:
@@ -171,6 +177,47 @@ def test_bad_rows_are_named(tmp_path: Path, fmt: Format, text: str, line: int, c
         read_ratings(path, fmt)
     assert f"bad.txt line {line}:" in str(error.value)
     assert complaint in str(error.value)
+
+
+def test_timestamp_range_is_servings() -> None:
+    assert MAX_TIMESTAMP == validation.MAX_TIMESTAMP
+
+
+# Issue #20, item 9: a copy cut inside the last row's timestamp still parses (``10626``: a 1970 time).
+CUT = HEADER + "380,6584,4.0,1062612345\n380,6585,3.5,1062612399\n380,6586,4.0,10626"
+
+
+def test_a_file_cut_inside_its_last_timestamp_is_an_error(tmp_path: Path) -> None:
+    path = tmp_path / "ratings.csv"
+    path.write_text(CUT)
+    with pytest.raises(MalformedFileError) as error:
+        read_ratings(path, Format.MOVIELENS_CSV)
+    assert str(error.value).startswith(f"{path} line 4: the file ends inside this row")
+    assert "timestamp 10626 has 5 digits where every other row's has at least 10" in str(error.value)
+    assert "'380,6586,4.0,10626'" in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        CUT + "\n",  # ends with a line break: the row is as written (the error's advice when it is right)
+        CUT + "12345",  # no line break, but the timestamp is as long as the others'
+        HEADER + "1,2,3.0,99999999\n1,3,3.0,1062612399\n1,4,3.0,12345678",  # another as short: no sign
+        HEADER + "1,2,3.0,12",  # a single row: nothing to compare with
+    ],
+)
+def test_files_not_cut_are_read(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "ratings.csv"
+    path.write_text(text)
+    assert len(read_ratings(path, Format.MOVIELENS_CSV)) == len(text.rstrip("\n").split("\n")) - 1
+
+
+def test_a_zip_member_cut_inside_its_last_timestamp_is_an_error(tmp_path: Path) -> None:
+    archive = tmp_path / "a.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("ml/ratings.dat", "1::10::5::978300760\n1::20::4::978302109\n2::10::3::9783")
+    with pytest.raises(MalformedFileError, match=r"a.zip!ml/ratings.dat line 3: the file ends inside"):
+        read_ratings(TextFile(archive, "ml/ratings.dat"), Format.MOVIELENS_DAT)
 
 
 def test_empty_file_is_an_error(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 from data import prepare as prepare_module
-from data.formats import FileSource
+from data.formats import FileSource, MalformedFileError
 from data.interactions import Interactions
 from data.manifest import FORMAT_VERSION, Manifest
 from data.prepare import PreparedDataset, prepare, summary_line
@@ -216,6 +216,23 @@ def test_cli_prints_one_summary_line(
     prepare_module.main(args)  # from the cache: the same line
     assert capsys.readouterr().out == expected
     assert summary_line(prepare(slice_copy, tmp_path / "datasets")) == expected.strip()
+
+
+def test_bad_input_loses_nothing(slice_copy: Path, tmp_path: Path) -> None:
+    """A ratings file cut inside its last timestamp (issue #20, item 9) or with a negative time is an
+    error naming the file and line, and the cache built from the good file stays as it was."""
+    root = tmp_path / "datasets"
+    prepare(slice_copy, root)
+    out = root / "ml-latest-small"
+    before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir()}
+    ratings = slice_copy / "ratings.csv"
+    good = ratings.read_text()
+    assert good.endswith("\n8,44004,3.0,1154473017\n")
+    for bad, line in [(good[: -len("73017\n")], 700), (good.replace(",1260759144\n", ",-1260759144\n", 1), 2)]:
+        ratings.write_text(bad)
+        with pytest.raises(MalformedFileError, match=rf"ratings.csv line {line}: "):
+            prepare(slice_copy, root)
+        assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir()} == before
 
 
 def test_missing_cache_file_rebuilds(slice_copy: Path, tmp_path: Path) -> None:
