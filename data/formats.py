@@ -8,9 +8,10 @@ Every format writes one event per line as (user, item, rating, timestamp):
     recbole-inter   RecBole atomic .inter file: tab-separated, typed header user_id:token ...
 
 The good path is one pyarrow CSV read (multithreaded, strict about numbers). Only when it fails,
-or a value it let through is not allowed (NaN rating, empty id), do we look at lines one by one to
-name the bad line: from the row pyarrow flagged, or from the start of the block it choked on, so
-even a broken ml-20m is reported in seconds.
+or a value it let through is not allowed (NaN rating, empty id, negative time), do we look at lines
+one by one to name the bad line: from the row pyarrow flagged, or from the start of the block it
+choked on, so even a broken ml-20m is reported in seconds. A file that looks cut off inside its last
+row is refused too (see ``_check_not_cut_off``).
 
 Example::
 
@@ -40,6 +41,10 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from data.interactions import COLUMNS, DatasetSource, Interactions, sha256_files, stat_fingerprint
+
+MAX_TIMESTAMP = 2**53
+"""Timestamps are whole seconds in [0, MAX_TIMESTAMP): the range serving accepts
+(``serving.validation.MAX_TIMESTAMP``), so nothing is trained on a time a request could not carry."""
 
 
 class Format(StrEnum):
@@ -133,6 +138,40 @@ class TextFile:
             with zipfile.ZipFile(self.path) as archive:
                 yield io.BytesIO(archive.read(self.member))
 
+    def arrow_input(self) -> pa.NativeFile:
+        """The file for pyarrow's CSV readers, which read ahead on Arrow's own threads.
+
+        Never a Python file object: Arrow's threads would call back into Python for every block, and
+        one still reading when the interpreter exits waits for the GIL for ever (``python -m
+        data.prepare`` hung after reporting a malformed file, issue #20). Not closed here: Arrow
+        closes the descriptor when its last reader lets go, so a read still in flight after a parse
+        error never meets a closed (or reused) descriptor.
+        """
+        if self.member is None:
+            return pa.OSFile(str(self.path))
+        with zipfile.ZipFile(self.path) as archive:
+            data = archive.read(self.member)
+        # Copied into Arrow's memory: a buffer over Python bytes takes the GIL to be released, which
+        # Arrow's threads may do at exit too.
+        buffer = pa.allocate_buffer(len(data))
+        pa.FixedSizeBufferWriter(buffer).write(data)
+        return pa.BufferReader(buffer)
+
+    def unterminated_last_line(self) -> str | None:
+        """The last line when the file does not end with a line break, else None. Reads the tail only
+        (a zip member is read whole, as ``open`` does)."""
+        with self.open() as f:
+            size = f.seek(0, io.SEEK_END)
+            f.seek(max(0, size - _TAIL_BYTES))
+            tail = f.read()
+        if tail == b"" or tail.endswith((b"\n", b"\r")):
+            return None
+        return re.split(rb"[\r\n]", tail)[-1].decode("utf-8", errors="replace")
+
+
+_TAIL_BYTES = 1 << 16
+"""Enough to hold any last line of a rating file; longer is only cut short in an error message."""
+
 
 # --- ratings ------------------------------------------------------------------------------------
 def read_ratings(file: Path | TextFile, fmt: Format) -> pd.DataFrame:
@@ -152,6 +191,7 @@ def read_ratings(file: Path | TextFile, fmt: Format) -> pd.DataFrame:
         raise _locate_error(file, layout, error, _first_failing_line(file, layout)) from None
     if len(frame) == 0:
         raise _no_rows(file)
+    _check_not_cut_off(file, layout, frame["timestamp"].to_numpy())
     return frame
 
 
@@ -195,15 +235,15 @@ def _csv_options(layout: Layout) -> dict[str, object]:
 
 def _parse_fast(file: TextFile, layout: Layout) -> pd.DataFrame:
     header_lines = int(layout.header is not None)
-    with file.open() as f:
-        if layout.header is not None:
-            first = f.readline().decode("utf-8", errors="replace").rstrip("\r\n").lstrip("\ufeff")
-            if first != layout.header:
-                raise _BadRow(1)
-            f.seek(0)
-        table = pacsv.read_csv(f, **_csv_options(layout))
-    # What pyarrow accepts but the formats do not: NaN/inf ratings, empty ids, text in the gaps.
+    source = file.arrow_input()
+    if layout.header is not None and _first_line(source) != layout.header:
+        raise _BadRow(1)
+    table = pacsv.read_csv(source, **_csv_options(layout))
+    # What pyarrow accepts but the formats do not: NaN/inf ratings, times out of range, empty ids,
+    # text in the gaps.
     bad = ~np.isfinite(table.column("rating").to_numpy())
+    stamps = table.column("timestamp").to_numpy()
+    bad |= (stamps < 0) | (stamps >= MAX_TIMESTAMP)
     for name in table.column_names:
         if name.startswith("_g"):
             bad |= pc.not_equal(table.column(name), "").to_numpy()
@@ -216,17 +256,65 @@ def _parse_fast(file: TextFile, layout: Layout) -> pd.DataFrame:
     return frame
 
 
+def _check_not_cut_off(file: TextFile, layout: Layout, stamps: np.ndarray) -> None:
+    """Rejects a file whose last row looks cut short inside its timestamp.
+
+    A copy or download cut off mid-file ends inside its last row. Cut inside the timestamp (the last
+    field of every format), the row still parses: ``380,6586,4.0,10626`` is a good row with a 1970
+    time. Content alone cannot tell it from a real row, so the rule takes two signs, each weak alone:
+    - the file does not end with a line break. A cut file almost never does, but many complete
+      files lack the final line break too;
+    - the last timestamp has fewer digits than every other row's. Dropping digits divides a time by
+      10 or more, so a cut timestamp is shorter than the one written; in a complete file, the last
+      row is rarely the one event written with fewer digits than all others (ML-20m spans 9 and 10).
+    A row that really is as written is accepted once the file ends with a line break, as the error
+    says: so no complete file is refused for good, and a file that ends with one is never checked.
+    Cuts that keep as many digits as the shortest other timestamp are not caught.
+    """
+    if len(stamps) < 2:
+        return  # nothing to compare with
+    last, shortest = _digits(int(stamps[-1])), _digits(int(stamps[:-1].min()))  # stamps are >= 0
+    if last >= shortest:
+        return
+    text = file.unterminated_last_line()
+    if text is None:
+        return
+    line = len(stamps) + int(layout.header is not None)
+    raise MalformedFileError(
+        f"{file.name} line {line}: the file ends inside this row, it looks cut off: {layout.fields[3]} "
+        f"{int(stamps[-1])} has {last} digits where every other row's has at least {shortest}, and the "
+        f"line has no line break: {text!r}. Restore the file's end; if the row is right as written, "
+        f"end the file with a line break."
+    )
+
+
+def _digits(value: int) -> int:
+    return len(str(value))
+
+
 def _first_failing_line(file: TextFile, layout: Layout) -> int:
     """The first line of the first block pyarrow cannot read: the bad line is in that block, so the
     slow line scan can start there instead of at the top of a multi-GB file."""
     rows = 0
-    with file.open() as f:
-        try:
-            for batch in pacsv.open_csv(f, **_csv_options(layout)):
+    try:
+        # Closed on the error too, so its readahead stops here rather than running on to the exit.
+        with pacsv.open_csv(file.arrow_input(), **_csv_options(layout)) as reader:
+            for batch in reader:
                 rows += batch.num_rows
-        except pa.ArrowInvalid:
-            pass
+    except pa.ArrowInvalid:
+        pass  # raised by the first block it cannot read (by open_csv itself when that is the first)
     return rows + 1 + int(layout.header is not None)
+
+
+_HEAD_BYTES = 1 << 16
+"""Enough for any header line; a longer first line is not the header anyway."""
+
+
+def _first_line(source: pa.NativeFile) -> str:
+    """The first line, BOM and line end stripped; ``source`` is left at its start."""
+    head = source.read(_HEAD_BYTES)
+    source.seek(0)
+    return head.split(b"\n", 1)[0].decode("utf-8", errors="replace").rstrip("\r").lstrip("\ufeff")
 
 
 def _locate_error(
@@ -271,6 +359,9 @@ def _check_line(raw: bytes, lineno: int, layout: Layout) -> str | None:
             kind = "string" if layout.string_ids else "int"
         if not _VALID[kind](value):
             return f"expected {layout.expected}; {name} {value!r} is not {_WHAT[kind]}: {text!r}"
+    if not 0 <= int(fields[3]) < MAX_TIMESTAMP:
+        return (f"{layout.fields[3]} {fields[3]!r} is not a time (whole seconds in [0, 2**53) expected, "
+                f"the range serving accepts): {text!r}")
     return None
 
 

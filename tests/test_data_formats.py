@@ -8,9 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.csv as pacsv
 import pytest
 
 from data.formats import (
+    MAX_TIMESTAMP,
     FileSource,
     Format,
     MalformedFileError,
@@ -20,6 +23,7 @@ from data.formats import (
     read_titles,
 )
 from data.interactions import COLUMNS
+from serving import validation
 
 FIXTURES = Path(__file__).parent / "fixtures"
 FORMATS = FIXTURES / "formats"
@@ -160,6 +164,10 @@ def test_malformed_fixture_names_file_and_line(name: str, fmt: Format, message: 
         (Format.MOVIELENS_DAT, "1::2::3::4\n1::3:3::5\n", 2, "got 3 fields"),
         (Format.AMAZON_CSV, "A,1,3.0,4\n,2,3.0,5\n", 2, "user '' is not an id"),
         (Format.AMAZON_CSV, "A,1,3.0,4\nA,\xff,3.0,5\n", 2, "not UTF-8"),
+        # Serving refuses times outside [0, 2**53) seconds, so preparation does too.
+        (Format.MOVIELENS_CSV, HEADER + "1,2,3.0,4\n1,3,3.0,-5\n", 3, "timestamp '-5' is not a time"),
+        (Format.MOVIELENS_DAT, "1::2::3::-1\n1::3::3::5\n", 1, "Timestamp '-1' is not a time"),
+        (Format.AMAZON_CSV, f"A,1,3.0,4\nA,2,3.0,{2**53}\n", 2, f"timestamp '{2**53}' is not a time"),
     ],
 )
 def test_bad_rows_are_named(tmp_path: Path, fmt: Format, text: str, line: int, complaint: str) -> None:
@@ -169,6 +177,47 @@ def test_bad_rows_are_named(tmp_path: Path, fmt: Format, text: str, line: int, c
         read_ratings(path, fmt)
     assert f"bad.txt line {line}:" in str(error.value)
     assert complaint in str(error.value)
+
+
+def test_timestamp_range_is_servings() -> None:
+    assert MAX_TIMESTAMP == validation.MAX_TIMESTAMP
+
+
+# Issue #20, item 9: a copy cut inside the last row's timestamp still parses (``10626``: a 1970 time).
+CUT = HEADER + "380,6584,4.0,1062612345\n380,6585,3.5,1062612399\n380,6586,4.0,10626"
+
+
+def test_a_file_cut_inside_its_last_timestamp_is_an_error(tmp_path: Path) -> None:
+    path = tmp_path / "ratings.csv"
+    path.write_text(CUT)
+    with pytest.raises(MalformedFileError) as error:
+        read_ratings(path, Format.MOVIELENS_CSV)
+    assert str(error.value).startswith(f"{path} line 4: the file ends inside this row")
+    assert "timestamp 10626 has 5 digits where every other row's has at least 10" in str(error.value)
+    assert "'380,6586,4.0,10626'" in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        CUT + "\n",  # ends with a line break: the row is as written (the error's advice when it is right)
+        CUT + "12345",  # no line break, but the timestamp is as long as the others'
+        HEADER + "1,2,3.0,99999999\n1,3,3.0,1062612399\n1,4,3.0,12345678",  # another as short: no sign
+        HEADER + "1,2,3.0,12",  # a single row: nothing to compare with
+    ],
+)
+def test_files_not_cut_are_read(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "ratings.csv"
+    path.write_text(text)
+    assert len(read_ratings(path, Format.MOVIELENS_CSV)) == len(text.rstrip("\n").split("\n")) - 1
+
+
+def test_a_zip_member_cut_inside_its_last_timestamp_is_an_error(tmp_path: Path) -> None:
+    archive = tmp_path / "a.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("ml/ratings.dat", "1::10::5::978300760\n1::20::4::978302109\n2::10::3::9783")
+    with pytest.raises(MalformedFileError, match=r"a.zip!ml/ratings.dat line 3: the file ends inside"):
+        read_ratings(TextFile(archive, "ml/ratings.dat"), Format.MOVIELENS_DAT)
 
 
 def test_empty_file_is_an_error(tmp_path: Path) -> None:
@@ -191,3 +240,58 @@ def test_unknown_format_and_missing_ratings_file(tmp_path: Path) -> None:
         FileSource(tmp_path / "log.txt")
     with pytest.raises(FileNotFoundError, match="neither ratings.csv nor ratings.dat"):
         FileSource(tmp_path)
+
+
+# --- Arrow's reader threads ---------------------------------------------------------------------
+class _ClosingSpy:
+    """Stands for a CSVStreamingReader and notes whether it was closed."""
+
+    def __init__(self, reader: pacsv.CSVStreamingReader, log: list[str]) -> None:
+        self.reader, self.log = reader, log
+
+    def __iter__(self):  # noqa: ANN204
+        return iter(self.reader)
+
+    def __enter__(self) -> _ClosingSpy:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.log.append("closed")
+        self.reader.close()
+
+
+def test_arrow_reads_no_python_file_and_the_stream_is_closed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue #20, item 8. Arrow reads ahead on its own threads: handed a Python file object, they
+    call back into Python for every block, and one still reading when the interpreter exits waits
+    for the GIL for ever (``python -m data.prepare`` hung after naming the bad line). So Arrow must
+    get a native stream, and the streaming reader that looks for the failing block must be closed."""
+    inputs: list[object] = []
+    log: list[str] = []
+    real_read, real_open = pacsv.read_csv, pacsv.open_csv
+
+    def read_csv(source: object, **kwargs: object) -> pa.Table:
+        inputs.append(source)
+        return real_read(source, **kwargs)
+
+    def open_csv(source: object, **kwargs: object) -> _ClosingSpy:
+        inputs.append(source)
+        return _ClosingSpy(real_open(source, **kwargs), log)
+
+    monkeypatch.setattr(pacsv, "read_csv", read_csv)
+    monkeypatch.setattr(pacsv, "open_csv", open_csv)
+    path = tmp_path / "ratings.csv"
+    # The first 1 MB block is fine, so the streaming reader opens and fails later, while reading.
+    rows = [f"{i % 50 + 1},{i % 300 + 1},4.0,{1_000_000_000 + i}\n" for i in range(60_000)]
+    rows[50_000] = "1,2,3.0,4,5\n"
+    path.write_text(HEADER + "".join(rows))
+    with pytest.raises(MalformedFileError, match="ratings.csv line 50002: .* got 5 fields"):
+        read_ratings(path, Format.MOVIELENS_CSV)
+    assert len(inputs) == 2  # the fast read, then the streaming reader
+    python_files = [s for s in inputs if not isinstance(s, pa.NativeFile) or isinstance(s, pa.PythonFile)]
+    assert python_files == []
+    assert log == ["closed"]

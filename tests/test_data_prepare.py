@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,13 +14,14 @@ import pandas as pd
 import pytest
 
 from data import prepare as prepare_module
-from data.formats import FileSource
+from data.formats import FileSource, MalformedFileError
 from data.interactions import Interactions
 from data.manifest import FORMAT_VERSION, Manifest
 from data.prepare import PreparedDataset, prepare, summary_line
 from data.sequences import index_interactions
 from data.synthetic import SyntheticConfig
 
+REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures"
 SLICE = FIXTURES / "ml-latest-small"
 
@@ -215,9 +218,51 @@ def test_cli_prints_one_summary_line(
     assert summary_line(prepare(slice_copy, tmp_path / "datasets")) == expected.strip()
 
 
+def test_bad_input_loses_nothing(slice_copy: Path, tmp_path: Path) -> None:
+    """A ratings file cut inside its last timestamp (issue #20, item 9) or with a negative time is an
+    error naming the file and line, and the cache built from the good file stays as it was."""
+    root = tmp_path / "datasets"
+    prepare(slice_copy, root)
+    out = root / "ml-latest-small"
+    before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir()}
+    ratings = slice_copy / "ratings.csv"
+    good = ratings.read_text()
+    assert good.endswith("\n8,44004,3.0,1154473017\n")
+    for bad, line in [(good[: -len("73017\n")], 700), (good.replace(",1260759144\n", ",-1260759144\n", 1), 2)]:
+        ratings.write_text(bad)
+        with pytest.raises(MalformedFileError, match=rf"ratings.csv line {line}: "):
+            prepare(slice_copy, root)
+        assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir()} == before
+
+
 def test_missing_cache_file_rebuilds(slice_copy: Path, tmp_path: Path) -> None:
     root = tmp_path / "datasets"
     prepare(slice_copy, root)
     (root / "ml-latest-small" / "items.parquet").unlink()
     rebuilt = prepare(slice_copy, root)
     assert not rebuilt.from_cache and (root / "ml-latest-small" / "items.parquet").is_file()
+
+
+# --- the CLI on bad input -----------------------------------------------------------------------
+HANG_RUNS = 10
+HANG_TIMEOUT_S = 30  # a run takes about a second; one that has not exited by then is hung
+
+
+def test_cli_exits_promptly_on_a_malformed_file(tmp_path: Path) -> None:
+    """Issue #20, item 8: after reporting a malformed file, the CLI hung at exit in some runs (Arrow's
+    readahead thread was still reading the file through Python when the interpreter shut down).
+    Every run must end at once, with status 1 (not an abort either) and the file and line named."""
+    path = tmp_path / "ratings.csv"
+    # 5 fields per row, ~9 MB: several blocks for Arrow to read ahead after the first one fails.
+    rows = (f"{i % 500 + 1},{i % 3000 + 10},4.0,{1_000_000_000 + i},x\n" for i in range(300_000))
+    path.write_text("userId,movieId,rating,timestamp\n" + "".join(rows))
+    expected = f"{path} line 2: expected userId,movieId,rating,timestamp (4 fields), got 5 fields"
+    command = [sys.executable, "-m", "data.prepare", "--dataset", str(path), "--root", str(tmp_path / "ds")]
+    for run in range(1, HANG_RUNS + 1):
+        try:
+            done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=HANG_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"run {run} of {HANG_RUNS} did not exit within {HANG_TIMEOUT_S} s")
+        assert done.returncode == 1, f"run {run}: status {done.returncode}\n{done.stderr[-2000:]}"
+        assert expected in done.stderr
+    assert not (tmp_path / "ds").exists()  # nothing cached from a file that failed
