@@ -5,7 +5,7 @@ This is the only module besides the pipeline that imports ``torchrec.distributed
 Example (one process, CPU)::
 
     ctx = init_process_group("cpu")
-    model = GenerativeRecommender(model_cfg, num_items, device=torch.device("meta"))
+    model = GenerativeRecommender(model_cfg, num_items, device=ctx.device, table_device=torch.device("meta"))
     dmp, plan = shard_model(model, ctx, sharding_cfg, optim_cfg)
     optimizer, scheduler = make_optimizer(dmp, optim_cfg)
 """
@@ -126,22 +126,24 @@ def shard_model(
     each rank's loss is scaled to make that average the global batch's gradient
     (``training.train.global_mean_loss``).
     """
-    unknown = (set(sharding.tables) | set(sharding.kernels)) - {name for name, _ in _embedding_tables(model)}
+    tables = [cfg for m in model.modules() if isinstance(m, EmbeddingCollection) for cfg in m.embedding_configs()]
+    unknown = (set(sharding.tables) | set(sharding.kernels)) - {t.name for t in tables}
     if unknown:
         raise ValueError(f"sharding names unknown table(s) {sorted(unknown)}; the model has "
-                         f"{sorted(name for name, _ in _embedding_tables(model))}")
-    constraints = {cfg.name: _constraints(cfg, sharding, ctx) for _, ec in _collections(model)
-                   for cfg in ec.embedding_configs()}
+                         f"{sorted(t.name for t in tables)}")
     host_tables = any(k is not EmbeddingKernel.FUSED for k in sharding.kernels.values())
     sharder = make_sharder(optim, ctx.device, sharding.cache_load_factor, host_tables)
+    device_bytes = _device_memory(ctx, sharding)
+    if sharding.device_memory_gb > 0 and ctx.device.type == "cuda":  # held to it, not only planned for it
+        total = torch.cuda.get_device_properties(ctx.device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, device_bytes / total), ctx.device)
     planner = EmbeddingShardingPlanner(
-        topology=_topology(ctx, sharding),
-        constraints=constraints,
+        topology=_topology(ctx, device_bytes),
+        constraints={t.name: _constraints(t, sharding, ctx) for t in tables},
         storage_reservation=FixedPercentageStorageReservation(sharding.reserved_fraction),
     )
     plan = planner.collective_plan(model, [sharder], dist.GroupMember.WORLD)
-    inits = {f"embeddings.{cfg.name}.weight": cfg.init_fn for _, ec in _collections(model)
-             for cfg in ec.embedding_configs()}
+    inits = {f"embeddings.{t.name}.weight": t.init_fn for t in tables}
     dmp = DistributedModelParallel(model, device=ctx.device, plan=plan, sharders=[sharder])
     _initialise_tables(dmp, inits)
     return dmp, plan
@@ -190,23 +192,28 @@ def _constraints(table_config: EmbeddingConfig, sharding: ShardingConfig, ctx: D
     return ParameterConstraints(sharding_types=types, compute_kernels=[kernel.value], min_partition=width)
 
 
-def _topology(ctx: DistContext, sharding: ShardingConfig):
-    """The planner's view of one rank's memory: the card's (or the configured) device memory and the
-    host's memory shared by the local ranks, instead of TorchRec's defaults (32 GB of HBM)."""
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size))
-    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // local_world
+def _device_memory(ctx: DistContext, sharding: ShardingConfig) -> int:
+    """Bytes of device memory per rank: the configured amount, else the card's (on CPU: the host's)."""
     if sharding.device_memory_gb > 0:
-        device_bytes = int(sharding.device_memory_gb * 2**30)
-        if ctx.device.type == "cuda":  # held to it, not only planned for it
-            total = torch.cuda.get_device_properties(ctx.device).total_memory
-            torch.cuda.set_per_process_memory_fraction(min(1.0, device_bytes / total), ctx.device)
-    elif ctx.device.type == "cuda":
-        device_bytes = torch.cuda.get_device_properties(ctx.device).total_memory
-    else:
-        device_bytes = host
+        return int(sharding.device_memory_gb * 2**30)
+    if ctx.device.type == "cuda":
+        return torch.cuda.get_device_properties(ctx.device).total_memory
+    return _host_memory(ctx)
+
+
+def _host_memory(ctx: DistContext) -> int:
+    """This rank's share of the host's memory (the local ranks share it)."""
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size))
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // local_world
+
+
+def _topology(ctx: DistContext, device_bytes: int):
+    """The planner's view of one rank: its device memory and its share of the host's, instead of
+    TorchRec's defaults (32 GB of HBM)."""
     return TopologyFactory.create_topology(
-        trainer_config=TrainerConfig(world_size=ctx.world_size, local_world_size=local_world),
-        hardware_config=HardwareConfig(hbm_cap_bytes=device_bytes, ddr_cap_bytes=host),
+        trainer_config=TrainerConfig(world_size=ctx.world_size,
+                                     local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size))),
+        hardware_config=HardwareConfig(hbm_cap_bytes=device_bytes, ddr_cap_bytes=_host_memory(ctx)),
         kernel_config=KernelConfig(compute_device=ctx.device.type),
     )
 
@@ -220,13 +227,11 @@ def make_optimizer(
     A data-parallel table is a plain replicated weight (TorchRec's dense kernel, outside FBGEMM's
     fused update): it gets the embedding optimizer's rule as a torch optimizer of its own.
     """
-    fused = {id(p) for p in dmp.fused_optimizer.params.values()}
     sharded = tuple(f"{path}." for path in dmp.plan.plan)
     # A sharded module's parameters belong to the fused optimizer also on a rank that holds no shard of
     # some table (its fused optimizer does not list that table; AdamW must not take it either); the
     # exceptions are data-parallel tables, which every rank holds whole.
-    data_parallel = {k: p for k, p in dmp.named_parameters()
-                     if k.startswith(sharded) and id(p) not in fused and _is_data_parallel(dmp, k)}
+    data_parallel = {k: p for k, p in dmp.named_parameters() if _is_data_parallel(dmp, k)}
     dense_params = {k: p for k, p in dmp.named_parameters()
                     if not k.startswith(sharded) and p.requires_grad}
     adamw = torch.optim.AdamW(
@@ -275,14 +280,6 @@ def describe_plan(plan: ShardingPlan) -> str:
             ranks = sorted({r for r in (spec.ranks or [])})
             lines.append(f"{module}.{table}: {spec.sharding_type} on ranks {ranks}")
     return "\n".join(lines)
-
-
-def _collections(model: torch.nn.Module) -> list[tuple[str, EmbeddingCollection]]:
-    return [(path, m) for path, m in model.named_modules() if isinstance(m, EmbeddingCollection)]
-
-
-def _embedding_tables(model: torch.nn.Module) -> list[tuple[str, EmbeddingCollection]]:
-    return [(cfg.name, ec) for _, ec in _collections(model) for cfg in ec.embedding_configs()]
 
 
 def _free_port() -> int:
