@@ -34,14 +34,18 @@ NPROC  ?= 1
         bench-kernel bench-train bench-scale bench-serve bench-engine clean
 
 help:
-	@echo "make train       download ML-1M, train HSTU ($(CONFIG)), evaluate, export   (ARGS='key=value ...')"
+	@echo "make train       download ML-1M, train HSTU ($(CONFIG)), evaluate, export   (ARGS='key=value ...', NPROC=)"
 	@echo "make test        the default test suite (what CI runs)"
 	@echo "make test-slow   the slow tests (network download, long training)"
+	@echo "make test-all    every test this machine can run (GPU tests skip without CUDA)"
+	@echo "make lint        ruff"
 	@echo "make data        download and preprocess MovieLens-1M"
+	@echo "make data-synthetic  generate and preprocess the synthetic dataset (ARGS='--num-users N ...')"
 	@echo "make eval        evaluate a run (RUN=runs/<name>)"
 	@echo "make serve       gRPC server on 127.0.0.1:$(PORT) for ARTIFACT=$(ARTIFACT)"
 	@echo "make notebook    open notebooks/offline_evaluation.ipynb"
 	@echo "make bench-kernel | bench-train | bench-scale | bench-serve | bench-engine   (NPROC=, ARGS=)"
+	@echo "make clean       caches and generated gRPC code (not .venv, datasets/ or runs/)"
 
 # --- environment -----------------------------------------------------------------------------
 $(STAMP): requirements/lock.txt Makefile
@@ -79,8 +83,9 @@ eval: $(STAMP)
 serve: $(STAMP) protos
 	$(PY) -m serving.server --artifact $(ARTIFACT) --port $(PORT) $(ARGS)
 
+NOTEBOOK_SPEC ?= notebook==7.6.5
 notebook: $(STAMP)
-	$(PY) -m pip install -q notebook
+	@$(PY) -c "import notebook" 2>/dev/null || $(PY) -m pip install -q "$(NOTEBOOK_SPEC)"
 	$(VENV)/bin/jupyter notebook notebooks/offline_evaluation.ipynb
 
 # --- tests -----------------------------------------------------------------------------------

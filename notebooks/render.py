@@ -1,7 +1,9 @@
 """Executes notebooks/offline_evaluation.ipynb against one or more runs and writes it as a single HTML
 page (plots embedded; code folded away under each section), without nbconvert:
 
-    .venv/bin/python -m notebooks.render runs/<name> [runs/<other> ...] docs/offline_evaluation.html
+    .venv/bin/python -m notebooks.render runs/<name> [runs/<other> ...] runs/<name>/eval/offline_evaluation.html
+
+(docs/offline_evaluation.html is the committed rendering of a reference run; write yours elsewhere.)
 
 The committed notebook stays without outputs; this writes only the HTML. A run without ``eval/`` is
 evaluated first (``python -m training.evaluate --run ...``, as ``make eval`` does).

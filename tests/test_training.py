@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.launch import ENV, ROOT, TIMEOUT_S, TINY, command, epoch_records, step_losses, torchrun, write_config
 from training.checkpoint import latest, read_progress
@@ -120,3 +121,25 @@ def test_config_overrides_and_errors(tmp_path):
         load_config(ROOT / "configs/ml-1m/hstu.yaml", ["run.epochs=three"])
     with pytest.raises(ValueError, match="not one of"):
         load_config(ROOT / "configs/ml-1m/hstu.yaml", ["optim.sparse_optimizer=lamb"])
+
+
+def test_a_config_typo_is_one_line_with_the_closest_key(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "training.train", "--config", str(ROOT / "configs/ml-1m/hstu.yaml"),
+                           "run.epoch=3"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "error: unknown config key 'epoch' (did you mean 'epochs'?) in run." in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_quiet_logs_by_default(unbroken: Path) -> None:
+    """The unbroken run's log (stderr) holds no planner tables, FBGEMM argument dumps or known-harmless
+    warnings; --verbose would show them (training/logs.py)."""
+    config = unbroken.parent.parent / "quiet.yaml"
+    write_config(unbroken.parent.parent, {**TINY, "sharding": {}}, "quiet.yaml")
+    proc = subprocess.run(command(config, "quiet", "run.max_steps=2", nproc=1), cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for noise in ("planner.stats", "SplitTableBatchedEmbeddingBagsCodegen", "FutureWarning", "is_fx_tracing"):
+        assert noise not in proc.stderr, noise
+    assert "run directory" in proc.stderr
+    assert yaml.safe_load((unbroken.parent / "quiet" / "config.yaml").read_text())["run"]["name"] == "quiet"

@@ -10,6 +10,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import enum
 import types
 import typing
@@ -195,7 +196,9 @@ def _build(cls: type, raw: dict[str, Any], where: str) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(raw) - names
     if unknown:
-        raise ValueError(f"unknown config key(s) {sorted(unknown)} in {where or '<root>'}; known: {sorted(names)}")
+        hints = [f"{key!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(key, names, 1)) else
+                 repr(key) for key in sorted(unknown)]
+        raise ValueError(f"unknown config key {', '.join(hints)} in {where or '<root>'}; known: {sorted(names)}")
     kwargs = {name: _coerce(hints[name], value, f"{where}{name}") for name, value in raw.items()}
     return cls(**kwargs)
 

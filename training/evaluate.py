@@ -53,7 +53,7 @@ from data.splits import Split, target_positions
 from models.config import EncoderType
 from models.metrics import RankingMetrics, target_ranks
 from models.recommender import GenerativeRecommender
-from training import analysis, checkpoint
+from training import analysis, checkpoint, logs
 from training.config import SparseOptimizer, TrainConfig, load_config
 from training.distributed import DistContext, cleanup, init_process_group, shard_model
 
@@ -364,8 +364,7 @@ def summary_table(report: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr, force=True)
+    logs.setup(args.verbose)
     run_dir = Path(args.run)
     if not (run_dir / "config.yaml").is_file():
         raise SystemExit(f"{run_dir} is not a run directory (no config.yaml)")
@@ -393,6 +392,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                          'with model.encoder: sasrec) or "none"')
     ap.add_argument("--out", help="output directory (default: <run>/eval)")
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: the run's run.device")
+    ap.add_argument("--verbose", action="store_true", help="also the libraries' INFO logs (training/logs.py)")
     ap.add_argument("--trust-checkpoint", action="store_true",
                     help="load checkpoints whose signature does not verify (checkpoints are pickles: loading one "
                          "runs code it carries; see training/checkpoint.py)")

@@ -33,7 +33,7 @@ from data.loader import make_dataloader
 from data.prepare import PreparedDataset, prepare
 from data.splits import Split
 from models.recommender import GenerativeRecommender
-from training import checkpoint
+from training import checkpoint, logs
 from training.config import TrainConfig, load_config, save_config
 from training.distributed import (
     DistContext,
@@ -172,11 +172,15 @@ class Trainer:
 # --- the run ---------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except (ValueError, OSError) as e:  # once, without a traceback: every rank would print it otherwise
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.resume:
         cfg.run.resume = True
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr, force=True)
+    logs.setup(args.verbose)
     ctx = init_process_group(cfg.run.device, cfg.run.collective_timeout_s)
     if not ctx.is_main:
         logging.getLogger().setLevel(logging.WARNING)
@@ -355,6 +359,7 @@ def resolve_run_dir(cfg: TrainConfig, config_path: str | None, ctx: DistContext)
         obj = [f"{stem}-{stamp}"]
         dist.broadcast_object_list(obj, src=0)  # one name for all ranks, even across a second boundary
         name = obj[0]
+    cfg.run.name = name  # config.yaml records the name the run got, so `--resume run.name=...` finds it
     run_dir = Path(cfg.run.out_dir) / name
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -372,6 +377,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--config", default="configs/ml-1m/hstu.yaml")
     ap.add_argument("--resume", action="store_true",
                     help="continue the run named by run.name from its newest checkpoint")
+    ap.add_argument("--verbose", action="store_true",
+                    help="also the libraries' INFO logs and known-harmless warnings (training/logs.py)")
     ap.add_argument("overrides", nargs="*", help="section.key=value, e.g. run.epochs=5 optim.lr=2e-3")
     return ap.parse_args(argv)
 
