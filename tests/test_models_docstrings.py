@@ -1,4 +1,4 @@
-"""The docstring examples of models/ run as written."""
+"""The docstring examples of models/ (and of training.optimizers) run as written."""
 
 from __future__ import annotations
 
@@ -7,11 +7,12 @@ import importlib
 
 import pytest
 
-MODULES = ["config", "embeddings", "hstu", "jagged", "loss", "metrics", "recommender", "sasrec"]
+MODULES = [*(f"models.{name}" for name in ("config", "embeddings", "hstu", "jagged", "loss", "metrics",
+                                              "recommender", "sasrec")), "training.optimizers"]
 
 
 @pytest.mark.parametrize("name", MODULES)
 def test_docstring_examples(name: str) -> None:
-    module = importlib.import_module(f"models.{name}")
+    module = importlib.import_module(name)
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0

@@ -5,11 +5,9 @@ logs every table's constructor arguments through the root logger, and a few libr
 every run although nothing is wrong. ``setup(verbose=False)`` keeps them out of the log;
 ``--verbose`` shows everything.
 
-Example::
+Example (what ``training.train.main`` does first)::
 
-    >>> setup(verbose=False)
-    >>> logging.getLogger("torchrec.distributed.planner.stats").isEnabledFor(logging.INFO)
-    False
+    setup(verbose=args.verbose)
 """
 
 from __future__ import annotations
