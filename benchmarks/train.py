@@ -1,6 +1,6 @@
 """`make bench-train` / `make bench-scale`: training throughput, variants side by side in one run.
 
-    python -m benchmarks.train [--suite ml-1m|scale] [--nproc N] [--steps 30] [--variants ...] [key=value ...]
+    python -m benchmarks.train [--suite ml-1m|scale] [--nproc N] [--steps 30] [--variants a,b] [key=value ...]
 
 Suites (a config and its default variants):
   ml-1m   configs/ml-1m/hstu.yaml: pipelined, plain (+ pipelined-ref, pipelined-ckpt on CUDA)
@@ -135,9 +135,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nproc", type=int, default=1, help="processes (GPUs) to run on")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--variants", nargs="+", default=None, choices=list(VARIANTS))
+    ap.add_argument("--variants", type=lambda text: text.split(","), default=None,
+                    help=f"comma-separated, of {','.join(VARIANTS)} (default: the suite's)")
     ap.add_argument("overrides", nargs="*", help="config overrides, section.key=value")
     args = ap.parse_args(argv)
+    unknown = set(args.variants or []) - set(VARIANTS)
+    if unknown:
+        ap.error(f"unknown variant(s) {sorted(unknown)}; choose from {list(VARIANTS)}")
     if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
         return relaunch(args, argv)
     config, default_variants = SUITES[args.suite]

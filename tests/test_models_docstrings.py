@@ -7,8 +7,8 @@ import importlib
 
 import pytest
 
-MODULES = [*(f"models.{name}" for name in ("config", "embeddings", "hstu", "jagged", "loss", "metrics",
-                                              "recommender", "sasrec")), "training.optimizers"]
+MODULES = [*(f"models.{name}" for name in ("config", "embeddings", "hstu", "jagged", "loss", "metrics", "recommender",
+                                              "sasrec", "ops.hstu_attention_dense")), "training.optimizers"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -1,4 +1,5 @@
-"""Custom ops: each has a PyTorch reference, a Triton kernel and a thin dispatcher."""
+"""Custom ops: each has a PyTorch reference (the specification), a Triton kernel and a thin dispatcher
+(HSTU attention also a batched PyTorch version for CPUs)."""
 
 from models.ops.hstu_attention import AttentionImpl, hstu_attention
 from models.ops.relative_bias import RelativeBias

@@ -1,4 +1,5 @@
-"""The HSTU attention op: one entry point, a PyTorch reference and a Triton kernel behind it.
+"""The HSTU attention op: one entry point; behind it a Triton kernel (GPUs) and a batched PyTorch
+implementation (CPUs), both tested against the one-sequence-at-a-time reference.
 
 Example::
 
@@ -15,7 +16,7 @@ from enum import StrEnum
 
 import torch
 
-from models.ops.hstu_attention_reference import hstu_attention_reference
+from models.ops.hstu_attention_dense import hstu_attention_dense
 from models.ops.relative_bias import RelativeBias
 
 
@@ -57,7 +58,7 @@ def hstu_attention(
         rab: relative position/time bias (parameters + timestamps), or None.
         num_targets: int [B] or None; the last num_targets[b] tokens of sequence b attend to the
             history and to themselves only.
-        impl: "triton", "pytorch" or "auto".
+        impl: "triton", "pytorch" (``hstu_attention_dense``) or "auto".
 
     Returns:
         [L, H, Dv].
@@ -69,4 +70,4 @@ def hstu_attention(
         from models.ops.hstu_attention_triton import hstu_attention_triton
 
         return hstu_attention_triton(q, k, v, seq_offsets, max_seq_len, alpha, rab=rab, num_targets=num_targets)
-    return hstu_attention_reference(q, k, v, seq_offsets, max_seq_len, alpha, rab=rab, num_targets=num_targets)
+    return hstu_attention_dense(q, k, v, seq_offsets, max_seq_len, alpha, rab=rab, num_targets=num_targets)
