@@ -25,7 +25,7 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,6 +54,7 @@ from serving.validation import (
 log = logging.getLogger("serving")
 
 OVERLOADED = "server overloaded: the request queue is full; retry with backoff"
+TOO_MANY_GENERATIONS = "server busy: {} generations in progress, its limit; retry with backoff"
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RecommenderService"].full_name
 """``genrec.v1.RecommenderService``: the health-check and reflection name of the service."""
@@ -85,6 +86,11 @@ class ServerConfig:
             model step, so a long one is prefilled over several steps beside short requests.
         cuda_graphs: replay decode steps and known users' one-event updates as CUDA graphs (CUDA only;
             eager elsewhere).
+        max_generations: Generate streams in progress at once, a beam search counting as its beam_width
+            (each beam is a sequence extended every step); one more is refused at arrival with
+            RESOURCE_EXHAUSTED. Bounds the generation work of every model step.
+        max_generate_items: most num_items of one Generate.
+        max_beam_work: most beam_width x num_items of one beam search.
     """
 
     artifact: Path
@@ -106,6 +112,9 @@ class ServerConfig:
     kv_cache_mb: float = 0.0
     prefill_chunk_tokens: int = 64
     cuda_graphs: bool = False
+    max_generations: int = 32
+    max_generate_items: int = 1_000
+    max_beam_work: int = 4_096
 
     def grpc_options(self) -> list[tuple[str, int]]:
         ms = lambda s: int(s * 1000)
@@ -149,6 +158,8 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
         self.use_cache = False  # Recommend through Prefill + Score work items
         self.use_prefix_states = False  # the model can keep prefix states (HSTU): Generate works
         self.prefill_chunk = 64
+        self.max_generations = 32
+        self.generations = 0  # generation slots held by Generate streams in progress
         self.in_flight = 0
         self.idle = asyncio.Event()
         self.idle.set()
@@ -179,35 +190,56 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
                        ) -> AsyncIterator[pb.GeneratedItem]:
         async with self._track("Generate", context):
-            catalogue, limits = self._ready()
-            with _rejecting():
-                self.batcher.admit(context.time_remaining())
-                gen = parse_generate(request, catalogue, limits)
-            q = gen.query
-            if not self.use_prefix_states:
-                raise Rejected(grpc.StatusCode.UNIMPLEMENTED, "Generate needs an HSTU model; this one is not")
-            state = await self._prefill(request.context.user_id or None, q, context)
-            banned, stamp = q.exclude, int(q.timestamps[-1])
-            if gen.beam_width > 0:
-                beams: tuple[Beam, ...] = (Beam(state),)
-                for _ in range(gen.num_items):
-                    beams = await self._submit(BeamStep(beams, banned, gen.beam_width, stamp), context, follow_up=True)
-                for step, (item_id, score) in enumerate(zip(beams[0].items, beams[0].scores, strict=True)):
-                    item = pb.ScoredItem(item_id=catalogue.raw_ids[item_id], score=score,
-                                         title=catalogue.titles[item_id])
-                    yield pb.GeneratedItem(item=item, step=step, model_version=self.version)
-                return
-            generator = torch.Generator().manual_seed(gen.seed) if gen.temperature > 0 else None
-            for step in range(gen.num_items):
-                # One work item per step: other requests and generations share each model step.
-                chosen = await self._submit(Decode(state, banned, gen.temperature, stamp, generator), context,
-                                            follow_up=True)
-                banned, state = np.append(banned, chosen.item), chosen.state
-                item = pb.ScoredItem(item_id=catalogue.raw_ids[chosen.item], score=chosen.score,
-                                     title=catalogue.titles[chosen.item])
+            with self._generation_slots(request.beam_width):
+                async with contextlib.aclosing(self._generate(request, context)) as items:
+                    async for item in items:
+                        yield item
+
+    async def _generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+                        ) -> AsyncIterator[pb.GeneratedItem]:
+        catalogue, limits = self._ready()
+        with _rejecting():
+            self.batcher.admit(context.time_remaining())
+            gen = parse_generate(request, catalogue, limits)
+        q = gen.query
+        if not self.use_prefix_states:
+            raise Rejected(grpc.StatusCode.UNIMPLEMENTED, "Generate needs an HSTU model; this one is not")
+        state = await self._prefill(request.context.user_id or None, q, context)
+        banned, stamp = q.exclude, int(q.timestamps[-1])
+        if gen.beam_width > 0:
+            beams: tuple[Beam, ...] = (Beam(state),)
+            for _ in range(gen.num_items):
+                beams = await self._submit(BeamStep(beams, banned, gen.beam_width, stamp), context, follow_up=True)
+            for step, (item_id, score) in enumerate(zip(beams[0].items, beams[0].scores, strict=True)):
+                item = pb.ScoredItem(item_id=catalogue.raw_ids[item_id], score=score, title=catalogue.titles[item_id])
                 yield pb.GeneratedItem(item=item, step=step, model_version=self.version)
+            return
+        generator = torch.Generator().manual_seed(gen.seed) if gen.temperature > 0 else None
+        for step in range(gen.num_items):
+            # One work item per step: other requests and generations share each model step.
+            chosen = await self._submit(Decode(state, banned, gen.temperature, stamp, generator), context,
+                                        follow_up=True)
+            banned, state = np.append(banned, chosen.item), chosen.state
+            item = pb.ScoredItem(item_id=catalogue.raw_ids[chosen.item], score=chosen.score,
+                                 title=catalogue.titles[chosen.item])
+            yield pb.GeneratedItem(item=item, step=step, model_version=self.version)
 
     # --- shared steps -------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _generation_slots(self, beam_width: int) -> Iterator[None]:
+        """Holds a Generate's slots of the ``max_generations`` (one, or its beam_width, at most all of
+        them: such a beam runs alone), or refuses it at arrival, before any parsing, when they are
+        taken: every slot adds a sequence to every model step, and without a bound enough generations
+        crowd out every other request."""
+        n = min(max(1, beam_width), self.max_generations)
+        if self.generations + n > self.max_generations:
+            raise Rejected(grpc.StatusCode.RESOURCE_EXHAUSTED, TOO_MANY_GENERATIONS.format(self.generations))
+        self.generations += n
+        try:
+            yield
+        finally:
+            self.generations -= n
+
     def _ready(self) -> tuple[Catalogue, RequestLimits]:
         if self.batcher is None or self.catalogue is None or self.limits is None:
             raise Rejected(grpc.StatusCode.UNAVAILABLE, "the model is still loading")
@@ -364,7 +396,9 @@ class RecommenderServer:
         s.catalogue, s.batcher, s.version = catalogue, batcher, self.engine.version
         s.use_cache, s.prefill_chunk = self.engine.cache is not None, cfg.prefill_chunk_tokens
         s.use_prefix_states = self.engine.incremental
-        s.limits = RequestLimits(max_len=self.engine.max_len, max_request_bytes=cfg.max_request_bytes)
+        s.max_generations = cfg.max_generations
+        s.limits = RequestLimits(max_len=self.engine.max_len, max_request_bytes=cfg.max_request_bytes,
+                                 max_generate_items=cfg.max_generate_items, max_beam_work=cfg.max_beam_work)
 
     def _compute(self, queries: Sequence[Work]) -> list:
         # Looked up per call, so a test can wrap ``server.engine.compute``.
@@ -428,6 +462,11 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerConfig:
     p.add_argument("--prefill-chunk-tokens", type=int, default=d.prefill_chunk_tokens)
     p.add_argument("--cuda-graphs", action="store_true",
                    help="replay decode steps and known users' one-event updates as CUDA graphs (CUDA only)")
+    p.add_argument("--max-generations", type=int, default=d.max_generations,
+                   help="Generate streams at once (a beam search counts as its beam_width); more are refused")
+    p.add_argument("--max-generate-items", type=int, default=d.max_generate_items, help="most num_items of a Generate")
+    p.add_argument("--max-beam-work", type=int, default=d.max_beam_work,
+                   help="most beam_width x num_items of a beam search")
     a = p.parse_args(argv)
     return ServerConfig(
         artifact=a.artifact, host=a.host, port=a.port, metrics_port=a.metrics_port,
@@ -436,6 +475,7 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerConfig:
         keepalive_time_s=a.keepalive_time_s, keepalive_timeout_s=a.keepalive_timeout_s,
         tls_cert=a.tls_cert, tls_key=a.tls_key, torch_threads=a.torch_threads, device=a.device,
         kv_cache_mb=a.kv_cache_mb, prefill_chunk_tokens=a.prefill_chunk_tokens, cuda_graphs=a.cuda_graphs,
+        max_generations=a.max_generations, max_generate_items=a.max_generate_items, max_beam_work=a.max_beam_work,
     )
 
 

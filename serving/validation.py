@@ -43,13 +43,21 @@ class InvalidRequest(ValueError):
 
 @dataclass(frozen=True)
 class RequestLimits:
-    """Bounds on one request. ``max_len`` comes from the model; the others stop oversized input."""
+    """Bounds on one request. ``max_len`` comes from the model; the others stop oversized input.
+
+    Attributes:
+        max_generate_items: most items one Generate may ask for (each is a model step).
+        max_beam_work: most beam_width x num_items of one beam search: the sequences it extends in all
+            (a step of width w costs about w greedy steps).
+    """
 
     max_len: int
     max_request_bytes: int = 1 << 20
     max_events: int = 10_000
     max_item_list: int = 10_000
     default_chunk_size: int = 10
+    max_generate_items: int = 1_000
+    max_beam_work: int = 4_096
 
 
 @dataclass(frozen=True)
@@ -218,6 +226,9 @@ def parse_generate(request: pb.GenerateRequest, catalogue: Catalogue, limits: Re
     if not 1 <= request.num_items <= available:
         raise InvalidRequest("num_items", f"must be in [1, {available}] (the catalogue minus history and "
                              f"exclusions), got {request.num_items}")
+    if request.num_items > limits.max_generate_items:
+        raise InvalidRequest("num_items", f"{request.num_items} exceeds the server's limit of "
+                             f"{limits.max_generate_items}")
     t = request.temperature
     if not (np.isfinite(t) and (t == 0 or MIN_TEMPERATURE <= t <= MAX_TEMPERATURE)):
         raise InvalidRequest("temperature",
@@ -227,4 +238,7 @@ def parse_generate(request: pb.GenerateRequest, catalogue: Catalogue, limits: Re
         raise InvalidRequest("beam_width", f"must be in [0, {MAX_BEAM_WIDTH}] (0: no beam search), got {width}")
     if width > 0 and t > 0:
         raise InvalidRequest("beam_width", "beam search is deterministic: use it with temperature 0")
+    if width * request.num_items > limits.max_beam_work:
+        raise InvalidRequest("beam_width", f"beam_width x num_items = {width * request.num_items} exceeds the "
+                             f"server's limit of {limits.max_beam_work}")
     return Generation(query, request.num_items, float(t), int(request.seed), width)

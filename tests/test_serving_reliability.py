@@ -1,0 +1,73 @@
+"""Issue #20 (reliability), against real servers on localhost: bounded generations, bounded echoes of
+client input, undecodable requests, bounded AppendEvents state, bounded concurrent RPCs, and RPCs
+whose deadline passes before they are answered. Every wait is bounded, so a hang fails the test."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+
+from protos.genrec.v1 import recommender_pb2 as pb
+from protos.genrec.v1 import recommender_pb2_grpc as pb_grpc
+from serving.batcher import BatcherConfig
+from serving.server import ServerConfig
+from serving.testing import ServerThread, make_random_artifact
+
+NUM_ITEMS = 3000  # room for long generations
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    return make_random_artifact(tmp_path_factory.mktemp("art") / "export", num_items=NUM_ITEMS, num_users=8,
+                                history_len=(5, 10))[1]
+
+
+def timed(call) -> tuple[str, float]:
+    """The status of ``call()`` (its name, and the details of an error) and the seconds it took."""
+    start = time.perf_counter()
+    try:
+        call()
+        code = "OK"
+    except grpc.RpcError as e:
+        code = f"{e.code().name}: {e.details()}"
+    return code, time.perf_counter() - start
+
+
+def test_generations_beyond_the_limit_are_refused_at_arrival_and_recommend_is_still_served(artifact):
+    """Issue #20, 2: 40 generations on a server with small batches (default --max-generations 32):
+    the eight beyond the limit are refused at once, and Recommend requests sent meanwhile are all
+    answered OK (generation steps neither take the queue's room nor every slot of every batch)."""
+    config = ServerConfig(artifact=artifact, port=0, batcher=BatcherConfig(max_batch_size=4, max_queue_size=48))
+    with ServerThread(config) as server, grpc.insecure_channel(server.address) as channel, \
+            ThreadPoolExecutor(40) as pool:
+        stub = pb_grpc.RecommenderServiceStub(channel)
+        request = pb.GenerateRequest(context=pb.RecommendRequest(user_id="1"), num_items=1000)
+        streams = [stub.Generate(request, timeout=60) for _ in range(40)]
+        firsts = list(pool.map(lambda s: timed(lambda: next(s)), streams))
+        refused = [t for code, t in firsts if code.startswith("RESOURCE_EXHAUSTED: server busy: 32 generations")]
+        assert [code for code, _ in firsts].count("OK") == 32 and len(refused) == 8, firsts
+        assert max(refused) < 1.0  # at arrival, not after waiting for a slot
+        probes = [timed(lambda: stub.Recommend(pb.RecommendRequest(user_id="2", top_k=5), timeout=5))
+                  for _ in range(20)]
+        assert [code for code, _ in probes] == ["OK"] * 20, probes
+        assert server.server._servicer.generations == 32  # all still generating
+        for stream in streams:
+            stream.cancel()
+
+
+@pytest.mark.parametrize(("request_", "field"), [
+    (pb.GenerateRequest(context=pb.RecommendRequest(user_id="1"), num_items=1001), "num_items: 1001 exceeds"),
+    (pb.GenerateRequest(context=pb.RecommendRequest(user_id="1"), num_items=129, beam_width=32),
+     "beam_width: beam_width x num_items = 4128 exceeds"),
+])
+def test_the_work_of_one_generation_is_bounded(artifact, request_, field):
+    """Issue #20, 2: num_items could reach the catalogue size, and beam_width 32 x 1000 items ran for
+    70 s. Now --max-generate-items (1000) and --max-beam-work (4096) bound them."""
+    with ServerThread(ServerConfig(artifact=artifact, port=0)) as server, \
+            grpc.insecure_channel(server.address) as channel:
+        with pytest.raises(grpc.RpcError) as e:
+            list(pb_grpc.RecommenderServiceStub(channel).Generate(request_, timeout=10))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and e.value.details().startswith(field)
