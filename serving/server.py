@@ -86,6 +86,7 @@ class ServerConfig:
             model step, so a long one is prefilled over several steps beside short requests.
         cuda_graphs: replay decode steps and known users' one-event updates as CUDA graphs (CUDA only;
             eager elsewhere).
+        max_id_chars: longest user_id accepted (it keys server-side state).
         max_generations: Generate streams in progress at once, a beam search counting as its beam_width
             (each beam is a sequence extended every step); one more is refused at arrival with
             RESOURCE_EXHAUSTED. Bounds the generation work of every model step.
@@ -112,6 +113,7 @@ class ServerConfig:
     kv_cache_mb: float = 0.0
     prefill_chunk_tokens: int = 64
     cuda_graphs: bool = False
+    max_id_chars: int = 128
     max_generations: int = 32
     max_generate_items: int = 1_000
     max_beam_work: int = 4_096
@@ -398,7 +400,8 @@ class RecommenderServer:
         s.use_prefix_states = self.engine.incremental
         s.max_generations = cfg.max_generations
         s.limits = RequestLimits(max_len=self.engine.max_len, max_request_bytes=cfg.max_request_bytes,
-                                 max_generate_items=cfg.max_generate_items, max_beam_work=cfg.max_beam_work)
+                                 max_id_chars=cfg.max_id_chars, max_generate_items=cfg.max_generate_items,
+                                 max_beam_work=cfg.max_beam_work)
 
     def _compute(self, queries: Sequence[Work]) -> list:
         # Looked up per call, so a test can wrap ``server.engine.compute``.
@@ -462,6 +465,7 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerConfig:
     p.add_argument("--prefill-chunk-tokens", type=int, default=d.prefill_chunk_tokens)
     p.add_argument("--cuda-graphs", action="store_true",
                    help="replay decode steps and known users' one-event updates as CUDA graphs (CUDA only)")
+    p.add_argument("--max-id-chars", type=int, default=d.max_id_chars, help="longest user_id accepted")
     p.add_argument("--max-generations", type=int, default=d.max_generations,
                    help="Generate streams at once (a beam search counts as its beam_width); more are refused")
     p.add_argument("--max-generate-items", type=int, default=d.max_generate_items, help="most num_items of a Generate")
@@ -475,7 +479,8 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerConfig:
         keepalive_time_s=a.keepalive_time_s, keepalive_timeout_s=a.keepalive_timeout_s,
         tls_cert=a.tls_cert, tls_key=a.tls_key, torch_threads=a.torch_threads, device=a.device,
         kv_cache_mb=a.kv_cache_mb, prefill_chunk_tokens=a.prefill_chunk_tokens, cuda_graphs=a.cuda_graphs,
-        max_generations=a.max_generations, max_generate_items=a.max_generate_items, max_beam_work=a.max_beam_work,
+        max_id_chars=a.max_id_chars, max_generations=a.max_generations, max_generate_items=a.max_generate_items,
+        max_beam_work=a.max_beam_work,
     )
 
 

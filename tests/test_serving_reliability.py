@@ -71,3 +71,31 @@ def test_the_work_of_one_generation_is_bounded(artifact, request_, field):
         with pytest.raises(grpc.RpcError) as e:
             list(pb_grpc.RecommenderServiceStub(channel).Generate(request_, timeout=10))
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and e.value.details().startswith(field)
+
+
+LONG = "u" * 100_000
+
+
+@pytest.mark.parametrize(("method", "request_", "field"), [
+    ("Recommend", pb.RecommendRequest(user_id=LONG, top_k=3), "user_id"),
+    ("Recommend", pb.RecommendRequest(history=[pb.Event(item_id=LONG, timestamp=1)], top_k=3), "history[0].item_id"),
+    ("Recommend", pb.RecommendRequest(user_id="1", top_k=3, exclude_item_ids=[LONG]), "exclude_item_ids[0]"),
+    ("Recommend", pb.RecommendRequest(user_id="1", top_k=3, candidate_item_ids=[LONG]), "candidate_item_ids[0]"),
+    ("AppendEvents", pb.AppendEventsRequest(user_id=LONG, events=[pb.Event(item_id="1001", timestamp=1)]),
+     "user_id"),
+    ("AppendEvents", pb.AppendEventsRequest(user_id="new", events=[pb.Event(item_id=LONG, timestamp=1)]),
+     "events[0].item_id"),
+    ("Generate", pb.GenerateRequest(context=pb.RecommendRequest(user_id=LONG), num_items=2), "context.user_id"),
+])
+def test_long_client_input_is_invalid_argument_and_not_echoed_in_full(artifact, method, request_, field):
+    """Issue #20, 4: a 100,000-character user_id came back as RESOURCE_EXHAUSTED "received metadata
+    size exceeds hard limit": the error details quoted it whole. Ids are now bounded (--max-id-chars)
+    and what an error quotes of the client's input is cut to about 100 characters."""
+    with ServerThread(ServerConfig(artifact=artifact, port=0)) as server, \
+            grpc.insecure_channel(server.address) as channel:
+        call = getattr(pb_grpc.RecommenderServiceStub(channel), method)
+        with pytest.raises(grpc.RpcError) as e:
+            reply = call(request_, timeout=10)
+            list(reply) if method == "Generate" else reply
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()[:200]
+        assert e.value.details().startswith(field + ":") and len(e.value.details()) < 300, e.value.details()
