@@ -25,13 +25,15 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 import numpy as np
 import torch
+from google.protobuf.message import DecodeError, Message
+from google.protobuf.message_factory import GetMessageClass
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -168,13 +170,13 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
 
     async def Recommend(self, request: pb.RecommendRequest, context: grpc.aio.ServicerContext
                         ) -> pb.RecommendResponse:
-        async with self._track("Recommend", context):
+        async with self._track("Recommend", context, request):
             rec, _ = await self._recommend(request, context)
             return self._response(rec, 0, len(rec.items))
 
     async def RecommendStream(self, request: pb.RecommendRequest, context: grpc.aio.ServicerContext
                               ) -> AsyncIterator[pb.RecommendResponse]:
-        async with self._track("RecommendStream", context):
+        async with self._track("RecommendStream", context, request):
             rec, query = await self._recommend(request, context)
             # The first chunk leaves as soon as the batch is computed; the rest follow it.
             for start in range(0, max(len(rec.items), 1), query.chunk_size):
@@ -182,7 +184,7 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
 
     async def AppendEvents(self, request: pb.AppendEventsRequest, context: grpc.aio.ServicerContext
                            ) -> pb.AppendEventsResponse:
-        async with self._track("AppendEvents", context):
+        async with self._track("AppendEvents", context, request):
             catalogue, limits = self._ready()
             with _rejecting():
                 items, stamps = parse_append(request, catalogue, limits)
@@ -191,7 +193,7 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
                        ) -> AsyncIterator[pb.GeneratedItem]:
-        async with self._track("Generate", context):
+        async with self._track("Generate", context, request):
             with self._generation_slots(request.beam_width):
                 async with contextlib.aclosing(self._generate(request, context)) as items:
                     async for item in items:
@@ -281,14 +283,18 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
                                     history_length=rec.history_length)
 
     @contextlib.asynccontextmanager
-    async def _track(self, method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+    async def _track(self, method: str, context: grpc.aio.ServicerContext, request: object) -> AsyncIterator[None]:
         """Per-RPC bookkeeping: the in-flight count (graceful shutdown waits for it), status and
-        latency metrics, and ``Rejected`` turned into the RPC's status."""
+        latency metrics, ``Rejected`` turned into the RPC's status, and a request whose bytes did not
+        decode (``Undecodable``) answered INVALID_ARGUMENT."""
         code = grpc.StatusCode.OK
         start = time.perf_counter()
         self.in_flight += 1
         self.idle.clear()
         try:
+            if isinstance(request, Undecodable):
+                log.warning("%s: %s from %s", method, request, context.peer())
+                raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, f"request: {request}")
             yield
         except Rejected as e:
             code = e.code
@@ -309,6 +315,44 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
             self.in_flight -= 1
             if self.in_flight == 0:
                 self.idle.set()
+
+
+@dataclass(frozen=True)
+class Undecodable:
+    """A request whose bytes are not a message of its method's type."""
+
+    type_name: str
+    size: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"not a {self.type_name} message ({self.size} bytes: {self.reason.rsplit(': ', 1)[-1]})"
+
+
+def _decoder(message: type[Message]) -> Callable[[bytes], Message | Undecodable]:
+    """The request deserializer of a method. gRPC runs it before the handler and turns an exception
+    there into UNKNOWN and a logged traceback, so bytes that do not decode are handed to the handler
+    as ``Undecodable`` instead, and answered INVALID_ARGUMENT there."""
+    def decode(data: bytes) -> Message | Undecodable:
+        try:
+            return message.FromString(data)
+        except DecodeError as e:
+            return Undecodable(message.DESCRIPTOR.full_name, len(data), str(e))
+
+    return decode
+
+
+def add_servicer(servicer: RecommenderServicer, server: grpc.aio.Server) -> None:
+    """Registers ``servicer``'s methods as the generated ``add_RecommenderServiceServicer_to_server``
+    does, but with request deserializers that do not raise (``_decoder``)."""
+    handlers = {}
+    for method in pb.DESCRIPTOR.services_by_name["RecommenderService"].methods:
+        request, response = (GetMessageClass(t) for t in (method.input_type, method.output_type))
+        make = grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
+        handlers[method.name] = make(getattr(servicer, method.name), request_deserializer=_decoder(request),
+                                     response_serializer=response.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
 @contextlib.contextmanager
@@ -346,7 +390,7 @@ class RecommenderServer:
         torch.set_num_threads(cfg.torch_threads)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         server = grpc.aio.server(options=cfg.grpc_options())
-        pb_grpc.add_RecommenderServiceServicer_to_server(self._servicer, server)
+        add_servicer(self._servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],

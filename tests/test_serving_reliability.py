@@ -4,6 +4,7 @@ whose deadline passes before they are answered. Every wait is bounded, so a hang
 
 from __future__ import annotations
 
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -99,3 +100,27 @@ def test_long_client_input_is_invalid_argument_and_not_echoed_in_full(artifact, 
             list(reply) if method == "Generate" else reply
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()[:200]
         assert e.value.details().startswith(field + ":") and len(e.value.details()) < 300, e.value.details()
+
+
+@pytest.mark.parametrize("method", ["Recommend", "RecommendStream", "AppendEvents", "Generate"])
+@pytest.mark.parametrize("raw", [b"\xff\xff\xff", b"\x0a\x02\xff\xfe"], ids=["corrupt", "bad-utf8"])
+def test_undecodable_request_is_invalid_argument_logged_in_one_line(artifact, caplog, method, raw):
+    """Issue #20, 5: bytes that are not a request message were answered UNKNOWN, with a 7-line ERROR
+    traceback in the log each time."""
+    with ServerThread(ServerConfig(artifact=artifact, port=0)) as server, \
+            grpc.insecure_channel(server.address) as channel:
+        path = f"/genrec.v1.RecommenderService/{method}"
+        streaming = method in ("RecommendStream", "Generate")
+        call = channel.unary_stream(path) if streaming else channel.unary_unary(path)
+        caplog.clear()
+        with pytest.raises(grpc.RpcError) as e:
+            reply = call(raw, timeout=10)
+            list(reply) if streaming else reply
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
+        assert e.value.details().startswith("request: not a genrec.v1."), e.value.details()
+        assert len(pb_grpc.RecommenderServiceStub(channel).Recommend(
+            pb.RecommendRequest(user_id="1", top_k=2), timeout=10).items) == 2
+    logged = [r for r in caplog.records if r.levelno >= logging.WARNING and "fx_tracing" not in r.getMessage()]
+    assert len(logged) == 1 and logged[0].exc_info is None and "\n" not in logged[0].getMessage(), \
+        [r.getMessage() for r in logged]
+    assert logged[0].levelno == logging.WARNING and method in logged[0].getMessage()
