@@ -42,7 +42,7 @@ from protos.genrec.v1 import recommender_pb2 as pb
 from protos.genrec.v1 import recommender_pb2_grpc as pb_grpc
 from serving.artifact import load_artifact
 from serving.batcher import BatcherConfig, DeadlineExpired, DynamicBatcher, QueueFull
-from serving.catalogue import Catalogue
+from serving.catalogue import AppendLimits, Catalogue
 from serving.engine import Beam, BeamStep, Decode, Engine, Prefill, Recommendation, Score, Work
 from serving.metrics import Metrics
 from serving.validation import (
@@ -98,6 +98,10 @@ class ServerConfig:
             RESOURCE_EXHAUSTED. Bounds the generation work of every model step.
         max_generate_items: most num_items of one Generate.
         max_beam_work: most beam_width x num_items of one beam search.
+        append_events: serve AppendEvents. It writes server-side state for any user_id and the server
+            authenticates no caller: keep it on only where every caller that can reach the port is
+            trusted to write users' histories (see the README's "Limits").
+        max_appended_users, max_appended_events: what AppendEvents may hold (``AppendLimits``).
     """
 
     artifact: Path
@@ -123,6 +127,9 @@ class ServerConfig:
     max_generations: int = 32
     max_generate_items: int = 1_000
     max_beam_work: int = 4_096
+    append_events: bool = True
+    max_appended_users: int = AppendLimits.max_users
+    max_appended_events: int = AppendLimits.max_events
 
     def grpc_options(self) -> list[tuple[str, int]]:
         ms = lambda s: int(s * 1000)
@@ -166,6 +173,7 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
         self.use_cache = False  # Recommend through Prefill + Score work items
         self.use_prefix_states = False  # the model can keep prefix states (HSTU): Generate works
         self.prefill_chunk = 64
+        self.append_events = True
         self.max_generations = 32
         self.generations = 0  # generation slots held by Generate streams in progress
         self.in_flight = 0
@@ -189,10 +197,12 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
     async def AppendEvents(self, request: pb.AppendEventsRequest, context: grpc.aio.ServicerContext
                            ) -> pb.AppendEventsResponse:
         async with self._track("AppendEvents", context, request):
+            if not self.append_events:
+                raise Rejected(grpc.StatusCode.UNIMPLEMENTED, "AppendEvents is disabled on this server")
             catalogue, limits = self._ready()
             with _rejecting():
                 items, stamps = parse_append(request, catalogue, limits)
-            length = catalogue.append_events(request.user_id, items, stamps, keep=limits.max_events)
+            length = catalogue.append_events(request.user_id, items, stamps)
             return pb.AppendEventsResponse(history_length=length)
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
@@ -437,7 +447,8 @@ class RecommenderServer:
             engine = Engine(artifact, cfg.device, kv_cache_bytes=int(cfg.kv_cache_mb * (1 << 20)),
                             metrics=self.metrics, cuda_graphs=cfg.cuda_graphs)
             engine.warm_up(cfg.batcher.max_batch_size)
-            return engine, Catalogue.from_artifact(artifact)
+            return engine, Catalogue.from_artifact(artifact, AppendLimits(cfg.max_appended_users,
+                                                                          cfg.max_appended_events))
 
         self.engine, catalogue = await asyncio.to_thread(load)
         batcher: DynamicBatcher[Work, object] = DynamicBatcher(self._compute, cfg.batcher, self.metrics)
@@ -446,7 +457,7 @@ class RecommenderServer:
         s.catalogue, s.batcher, s.version = catalogue, batcher, self.engine.version
         s.use_cache, s.prefill_chunk = self.engine.cache is not None, cfg.prefill_chunk_tokens
         s.use_prefix_states = self.engine.incremental
-        s.max_generations = cfg.max_generations
+        s.max_generations, s.append_events = cfg.max_generations, cfg.append_events
         s.limits = RequestLimits(max_len=self.engine.max_len, max_request_bytes=cfg.max_request_bytes,
                                  max_id_chars=cfg.max_id_chars, max_generate_items=cfg.max_generate_items,
                                  max_beam_work=cfg.max_beam_work)
@@ -516,6 +527,13 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerConfig:
     p.add_argument("--prefill-chunk-tokens", type=int, default=d.prefill_chunk_tokens)
     p.add_argument("--cuda-graphs", action="store_true",
                    help="replay decode steps and known users' one-event updates as CUDA graphs (CUDA only)")
+    p.add_argument("--no-append-events", dest="append_events", action="store_false",
+                   help="refuse AppendEvents (UNIMPLEMENTED): for a port that callers who may not write users' "
+                        "histories can reach")
+    p.add_argument("--max-appended-users", type=int, default=d.max_appended_users,
+                   help="users whose appended events are held (least recently used dropped first)")
+    p.add_argument("--max-appended-events", type=int, default=d.max_appended_events,
+                   help="appended events held per user (the most recent)")
     p.add_argument("--max-id-chars", type=int, default=d.max_id_chars, help="longest user_id accepted")
     p.add_argument("--max-generations", type=int, default=d.max_generations,
                    help="Generate streams at once (a beam search counts as its beam_width); more are refused")
@@ -531,7 +549,8 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerConfig:
         tls_cert=a.tls_cert, tls_key=a.tls_key, torch_threads=a.torch_threads, device=a.device,
         kv_cache_mb=a.kv_cache_mb, prefill_chunk_tokens=a.prefill_chunk_tokens, cuda_graphs=a.cuda_graphs,
         max_id_chars=a.max_id_chars, max_generations=a.max_generations, max_generate_items=a.max_generate_items,
-        max_beam_work=a.max_beam_work,
+        max_beam_work=a.max_beam_work, append_events=a.append_events, max_appended_users=a.max_appended_users,
+        max_appended_events=a.max_appended_events,
     )
 
 

@@ -124,3 +124,58 @@ def test_undecodable_request_is_invalid_argument_logged_in_one_line(artifact, ca
     assert len(logged) == 1 and logged[0].exc_info is None and "\n" not in logged[0].getMessage(), \
         [r.getMessage() for r in logged]
     assert logged[0].levelno == logging.WARNING and method in logged[0].getMessage()
+
+
+def append(stub, user: str, n: int, start: float = 2e9) -> int:
+    """Appends ``n`` events to ``user``; returns the history length the server reports."""
+    events = [pb.Event(item_id=str(1001 + i % 50), timestamp=start + i) for i in range(n)]
+    return stub.AppendEvents(pb.AppendEventsRequest(user_id=user, events=events), timeout=10).history_length
+
+
+def known(stub, user: str) -> bool:
+    try:
+        stub.Recommend(pb.RecommendRequest(user_id=user, top_k=1), timeout=10)
+        return True
+    except grpc.RpcError as e:
+        assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "unknown user" in e.details()
+        return False
+
+
+def test_append_events_holds_at_most_1000_events_per_user_by_default(artifact):
+    """Issue #20, 6: AppendEvents held up to 10,000 events per user (one request's limit), for any
+    number of users, forever. By default (--max-appended-events) a user keeps its last 1000."""
+    with ServerThread(ServerConfig(artifact=artifact, port=0)) as server, \
+            grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.RecommenderServiceStub(channel)
+        assert append(stub, "newcomer", 1500) == 1000
+        assert append(stub, "newcomer", 10, start=3e9) == 1000
+
+
+def test_append_events_keeps_the_most_recently_used_users_within_the_limit(artifact):
+    """Issue #20, 6: at most --max-appended-users users' appended events are held; the least recently
+    used (appended to or read) go first, and a user the export knows falls back to its stored history."""
+    config = ServerConfig(artifact=artifact, port=0, max_appended_users=3, max_appended_events=4)
+    with ServerThread(config) as server, grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.RecommenderServiceStub(channel)
+        stored = stub.Recommend(pb.RecommendRequest(user_id="1", top_k=1), timeout=10).history_length
+        assert append(stub, "1", 10) == stored + 4  # the last 4 of the 10
+        for user in ("a", "b"):
+            assert append(stub, user, 2) == 2
+        assert known(stub, "a")  # "a" is now more recent than "1"
+        assert append(stub, "c", 1) == 1  # evicts "1", the least recently used
+        assert stub.Recommend(pb.RecommendRequest(user_id="1", top_k=1), timeout=10).history_length == stored
+        assert [known(stub, u) for u in ("a", "b", "c")] == [True, True, True]
+        assert append(stub, "d", 1) == 1  # evicts "a"
+        assert [known(stub, u) for u in ("a", "b", "c", "d")] == [False, True, True, True]
+
+
+def test_append_events_can_be_disabled(artifact):
+    """Issue #20, 6: AppendEvents writes server-side state and the server authenticates no caller;
+    a server whose callers are not all trusted runs with it off (--no-append-events)."""
+    with ServerThread(ServerConfig(artifact=artifact, port=0, append_events=False)) as server, \
+            grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.RecommenderServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as e:
+            append(stub, "someone", 1)
+        assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED and "disabled" in e.value.details()
+        assert not known(stub, "someone")
