@@ -116,16 +116,24 @@ class DynamicBatcher(Generic[Q, R]):
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         self._task: asyncio.Task[None] | None = None
         self._batch_seconds = 0.0
+        self._computing_since: float | None = None  # loop.time() the batch on the model thread started
 
     async def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="batcher")
 
     def expected_wait(self) -> float:
-        """Seconds until a request queued now would be answered, at the recent batch time: the full
-        batches ahead of it and its own. An empty queue counts as no wait, so a batch time inflated by
-        a stall is measured again instead of refusing every request from then on."""
+        """Seconds until a request queued now would be answered, at the recent batch time: what is left
+        of the batch computing, the full batches queued ahead of it, and its own. (Leaving out the batch
+        computing admitted, under overload, requests that then missed their deadline by about one batch
+        time: computed for nothing.) An idle batcher counts as no wait, so a batch time inflated by a
+        stall is measured again instead of refusing every request from then on."""
         queued = len(self._queue) + len(self._continued)
-        return (queued // self.config.max_batch_size + 1) * self._batch_seconds if queued else 0.0
+        if not queued and self._computing_since is None:
+            return 0.0
+        left = 0.0
+        if self._computing_since is not None:
+            left = max(0.0, self._computing_since + self._batch_seconds - asyncio.get_running_loop().time())
+        return left + (queued // self.config.max_batch_size + 1) * self._batch_seconds
 
     def admit(self, timeout: float | None) -> None:
         """Raises ``QueueFull`` or ``DeadlineExpired`` if a request with ``timeout`` seconds left would
@@ -261,6 +269,7 @@ class DynamicBatcher(Generic[Q, R]):
                 if not item.continued:
                     self._metrics.queue_latency.observe(start - item.enqueued)
         t0 = time.perf_counter()
+        self._computing_since = start
         try:
             results = await loop.run_in_executor(self._executor, self._compute, queries)
         except Exception:
@@ -268,6 +277,8 @@ class DynamicBatcher(Generic[Q, R]):
             log.exception("batch of %d failed; retrying its requests one at a time", len(batch))
             await self._execute_singly(batch, loop)
             return
+        finally:
+            self._computing_since = None
         elapsed = time.perf_counter() - t0
         # A moving average of batch time, so deadlines are judged against what a batch costs now.
         self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * elapsed if self._batch_seconds else elapsed

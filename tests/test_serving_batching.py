@@ -1,7 +1,7 @@
 """Dynamic batching, back-pressure, deadlines and graceful shutdown, against a real server.
 
-A ``Gate`` wraps the engine so a test can hold the model thread busy for as long as it needs, which
-makes queue-full and deadline cases deterministic instead of timing-dependent.
+A ``Gate`` (``serving.testing``) wraps the engine so a test can hold the model thread busy for as long as
+it needs, which makes queue-full and deadline cases deterministic instead of timing-dependent.
 """
 
 from __future__ import annotations
@@ -22,30 +22,9 @@ from protos.genrec.v1 import recommender_pb2_grpc as pb_grpc
 from serving import server as server_module
 from serving.batcher import BatcherConfig, DeadlineExpired, DynamicBatcher, QueueFull
 from serving.server import SERVICE_NAME, ServerConfig
-from serving.testing import ServerThread, make_random_artifact, raw_item_id
+from serving.testing import Gate, ServerThread, make_random_artifact, raw_item_id
 
 NUM_ITEMS = 40
-
-
-class Gate:
-    """Holds every batch at the model thread until ``open``; records the history lengths computed."""
-
-    def __init__(self, server: ServerThread):
-        self.engine = server.server.engine
-        self.real = self.engine.compute
-        self.opened = threading.Event()
-        self.entered = threading.Event()
-        self.computed: list[int] = []
-        self.engine.compute = self.compute
-
-    def compute(self, queries):
-        self.entered.set()
-        assert self.opened.wait(20), "the test never opened the gate"
-        self.computed.extend(len(q.items) for q in queries)
-        return self.real(queries)
-
-    def open(self):
-        self.opened.set()
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ whose deadline passes before they are answered. Every wait is bounded, so a hang
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -179,3 +180,31 @@ def test_append_events_can_be_disabled(artifact):
             append(stub, "someone", 1)
         assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED and "disabled" in e.value.details()
         assert not known(stub, "someone")
+
+
+def test_a_request_that_cannot_finish_behind_the_batch_computing_is_refused_at_arrival():
+    """Issue #20, 3: the wait a new request faces left out the batch already computing, so under
+    overload requests were admitted, computed and then late. With a 0.3 s batch computing, a request
+    with 0.4 s left (it needs ~0.3 s more for its own batch) is refused at once."""
+    from serving.batcher import DeadlineExpired, DynamicBatcher
+
+    def compute(items):
+        time.sleep(0.3)
+        return list(items)
+
+    async def main() -> float:
+        b = DynamicBatcher(compute, BatcherConfig(max_batch_size=4, max_queue_delay_ms=0))
+        await b.start()
+        await b.submit("measures the batch time")
+        computing = asyncio.ensure_future(b.submit("computing"))
+        await asyncio.sleep(0.02)
+        start = time.perf_counter()
+        with pytest.raises(DeadlineExpired):
+            await b.submit("late", timeout=0.4)
+        refused_after = time.perf_counter() - start
+        await computing
+        await b.close()
+        return refused_after
+
+    assert asyncio.run(asyncio.wait_for(main(), timeout=10)) < 0.05
+
