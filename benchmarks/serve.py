@@ -12,6 +12,12 @@ Suites:
   engine   no gRPC: Engine.compute alone at batch sizes 1..64, the ceiling that batching can reach.
   soak     open loop at --soak-factor times the saturation throughput for --duration seconds; checks the
            server stays up, answers only OK / RESOURCE_EXHAUSTED / DEADLINE_EXCEEDED, and samples its RSS.
+  big      (issue #20) --big-requests concurrent requests of ~--big-request-mib MiB (over the server's
+           1 MiB request limit, under its 4 MiB transport limit): its RSS before, at the peak, after.
+  overload (issue #20) saturation (closed loop), then --overload-factor times it, open loop over
+           --client-procs processes, for --overload-s seconds: goodput (OK/s) as a share of saturation
+           against --goodput-goal, the server's RSS, the codes it answered, and what it computed
+           for nothing (requests computed but not answered OK).
 
 The server runs as its own process (`python -m serving.server`), started per configuration. Without
 --artifact a random-weight export of ML-1M's size (3706 items, 6040 users, d=50, 2 HSTU blocks, max
@@ -24,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import datetime
 import functools
 import multiprocessing
@@ -47,6 +54,7 @@ import psutil
 
 from protos.genrec.v1 import recommender_pb2 as pb
 from protos.genrec.v1 import recommender_pb2_grpc as pb_grpc
+from serving.batcher import BatcherConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".cache" / "bench-serve"
@@ -268,7 +276,7 @@ def load(args: argparse.Namespace, mode: str, address: str, level: float, durati
 # --- suites --------------------------------------------------------------------------------------
 def server_for(args: argparse.Namespace, artifact: Path, batch_size: int) -> ServerProcess:
     return ServerProcess(artifact, batch_size, args.max_queue_delay_ms, args.max_queue_size, args.torch_threads,
-                         args.device)
+                         args.device, tuple(shlex.split(args.server_args)))
 
 
 def saturation(args, server: ServerProcess, label: str) -> LoadResult:
@@ -364,6 +372,110 @@ def suite_soak(args, artifact: Path) -> tuple[list[LoadResult], bool]:
     return [sat, soak] + ([after] if after else []), passed
 
 
+@contextlib.contextmanager
+def sampling_rss(server: ServerProcess, every_s: float = 5.0) -> Iterator[list[tuple[float, float]]]:
+    """(seconds, RSS MiB) of the server every ``every_s`` while the block runs, and at both ends."""
+    start = time.perf_counter()
+    samples = [(0.0, server.rss_mib())]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(every_s) and server.alive():
+            samples.append((time.perf_counter() - start, server.rss_mib()))
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield samples
+    finally:
+        stop.set()
+        thread.join()
+        if server.alive():
+            samples.append((time.perf_counter() - start, server.rss_mib()))
+
+
+def rss_flat(samples: list[tuple[float, float]], duration: float) -> tuple[bool, str]:
+    """Whether RSS grew less than 5% over the second half of the run, and a line saying so."""
+    half = [m for t, m in samples if t >= duration / 2] or [samples[-1][1]]
+    line = (f"RSS (MiB) every 5 s: {', '.join(f'{m:.0f}' for _, m in samples)}; second half {min(half):.0f}-"
+            f"{max(half):.0f} (end - middle {half[-1] - half[0]:+.0f})")
+    return half[-1] - half[0] < 0.05 * half[0], line
+
+
+def server_side(before: dict[str, float], after: dict[str, float]) -> str:
+    """What the server counted between two scrapes: replies by code, requests computed, batches."""
+    d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+    batches = d.get("genrec_batch_size_count", 0.0)
+    computed = d.get("genrec_batch_size_sum", 0.0)
+    replies = {k.split("[")[1][:-1]: int(v) for k, v in d.items() if k.startswith("genrec_requests_total[") and v}
+    ok = replies.get("OK", 0)
+    return (f"server side: replies {replies}; {computed:.0f} requests computed in {batches:.0f} batches (mean size "
+            f"{computed / max(batches, 1):.1f}, mean compute "
+            f"{d.get('genrec_compute_latency_seconds_sum', 0.0) / max(batches, 1) * 1000:.0f} ms), "
+            f"{ok / max(computed, 1):.0%} of them answered OK")
+
+
+def suite_overload(args, artifact: Path) -> tuple[list[LoadResult], bool]:
+    """Issue #20, 3: a trusted server keeps its goodput near saturation under overload by refusing
+    early what it cannot serve in time. Passes if OK/s under --overload-factor x saturation is at
+    least --goodput-goal of saturation, the server stays up, answers only OK / RESOURCE_EXHAUSTED /
+    DEADLINE_EXCEEDED, and its RSS stays flat."""
+    with server_for(args, artifact, args.max_batch_size) as server:
+        address = f"127.0.0.1:{server.port}"
+        os.nice(args.client_nice)  # this process and the client processes it starts from now on
+        sat = saturation(args, server, "saturation")
+        before = server.scrape()
+        qps = args.overload_factor * sat.throughput
+        print(f"overload: {qps:.0f} req/s offered ({args.overload_factor:g}x saturation {sat.throughput:.0f} OK/s) "
+              f"for {args.overload_s:.0f}s over {args.client_procs} client processes", file=sys.stderr)
+        with sampling_rss(server) as rss:
+            over = load(args, "open", address, qps, args.overload_s, f"{args.overload_factor:g}x saturation")
+        alive = server.alive()
+        after = server.scrape() if alive else {}
+        check = load(args, "closed", address, 1, 1.0, "after") if alive else None
+    unexpected = set(over.codes) - ACCEPTED_UNDER_OVERLOAD
+    flat, rss_line = rss_flat(rss, args.overload_s)
+    share = over.throughput / sat.throughput
+    passed = alive and not unexpected and flat and share >= args.goodput_goal
+    print(f"\n{rss_line}\nserver alive: {alive}; unexpected codes: {sorted(unexpected) or 'none'}; "
+          f"after: {dict(check.codes) if check else 'server gone'}")
+    if after:
+        print(server_side(before, after))
+    print(f"\n| saturation OK/s | offered req/s | OK/s under overload | share of saturation | goal | result |\n"
+          f"|--:|--:|--:|--:|--:|---|\n| {sat.throughput:.0f} | {qps:.0f} | {over.throughput:.0f} | {share:.0%} | "
+          f">= {args.goodput_goal:.0%} | {'passed' if passed else 'FAILED'} |")
+    return [sat, over] + ([check] if check else []), passed
+
+
+def suite_big(args, artifact: Path) -> tuple[list[LoadResult], bool]:
+    """Issue #20, 7: what a burst of large requests from as many callers (one connection each) makes the
+    server hold. Passes if the server stays up and answers each INVALID_ARGUMENT (too large) or
+    RESOURCE_EXHAUSTED (refused)."""
+    ids = ["x" * 1000] * int(args.big_request_mib * 1000)
+    request = pb.RecommendRequest(user_id="1", top_k=10, exclude_item_ids=ids)
+    result = LoadResult("big requests", "burst", f"{args.big_requests} x {request.ByteSize() / 2**20:.1f} MiB", 0.0,
+                        collections.Counter(), [])
+
+    async def burst(address: str) -> None:
+        channels = [grpc.aio.insecure_channel(address, options=[("grpc.max_send_message_length", 8 << 20)])
+                    for _ in range(args.big_requests)]
+        await asyncio.gather(*(c.channel_ready() for c in channels))
+        start = time.perf_counter()
+        await asyncio.gather(*(_one(pb_grpc.RecommenderServiceStub(c), request, start, 60, result) for c in channels))
+        result.duration_s = time.perf_counter() - start
+        await asyncio.gather(*(c.close() for c in channels))
+
+    with server_for(args, artifact, args.max_batch_size) as server:
+        before = server.rss_mib()
+        with sampling_rss(server, every_s=0.1) as rss:
+            asyncio.run(burst(f"127.0.0.1:{server.port}"))
+        time.sleep(2)
+        after, alive = server.rss_mib(), server.alive()
+    print(f"\nserver RSS (MiB): before {before:.0f}, peak {max(m for _, m in rss):.0f}, 2 s after {after:.0f}; "
+          f"replies {dict(result.codes)} in {result.duration_s:.1f}s; server alive: {alive}")
+    return [result], alive and set(result.codes) <= {"INVALID_ARGUMENT", "RESOURCE_EXHAUSTED"}
+
+
 def suite_engine(args, artifact: Path) -> None:
     """Model time per batch without the server: what dynamic batching can save at most."""
     import torch
@@ -407,7 +519,8 @@ def print_table(rows: list[LoadResult]) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.serve", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--suite", choices=["compare", "closed", "open", "soak", "engine", "chunking"], default="compare")
+    p.add_argument("--suite", choices=["compare", "closed", "open", "soak", "overload", "big", "engine", "chunking"],
+                   default="compare")
     p.add_argument("--long-callers", type=int, default=4, help="suite chunking: callers sending long histories")
     p.add_argument("--prefill-chunk", type=int, default=16, help="suite chunking: the chunked server's chunk")
     p.add_argument("--artifact", type=Path, default=None, help="an export; default: a random ML-1M-sized one")
@@ -420,17 +533,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=1.0, help="deadline of each request, seconds")
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--max-queue-delay-ms", type=float, default=2.0)
-    p.add_argument("--max-queue-size", type=int, default=256)
+    p.add_argument("--max-queue-size", type=int, default=BatcherConfig().max_queue_size)
     p.add_argument("--torch-threads", type=int, default=1)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the server runs the model")
+    p.add_argument("--server-args", default="", help="more flags of serving.server, e.g. '--max-concurrent-rpcs 128'")
     p.add_argument("--p99-bound-ms", type=float, default=100.0)
     p.add_argument("--bisect-from", type=float, default=0.5,
                    help="first open-loop rate tried, as a fraction of the closed-loop saturation (suite compare)")
     p.add_argument("--bisect-steps", type=int, default=5, help="open-loop rates tried per server (suite compare)")
     p.add_argument("--client-procs", type=int, default=max(1, min(4, (os.cpu_count() or 1) // 4)),
-                   help="load-generator processes (suites compare, closed, open)")
+                   help="load-generator processes (suites compare, closed, open, overload)")
     p.add_argument("--soak-s", type=float, default=60.0)
     p.add_argument("--soak-factor", type=float, default=4.0)
+    p.add_argument("--big-requests", type=int, default=400, help="suite big: concurrent requests")
+    p.add_argument("--big-request-mib", type=float, default=3.8, help="suite big: size of each request")
+    p.add_argument("--overload-s", type=float, default=60.0, help="suite overload: seconds of overload")
+    p.add_argument("--overload-factor", type=float, default=4.0, help="suite overload: offered / saturation")
+    p.add_argument("--client-nice", type=int, default=0, help="suite overload: niceness of the load generator")
+    p.add_argument("--goodput-goal", type=float, default=0.7, help="suite overload: least OK/s / saturation")
     args = p.parse_args(argv)
 
     artifact = args.artifact or realistic_artifact(args.history_len, num_users=args.num_users)
@@ -444,6 +564,10 @@ def main(argv: list[str] | None = None) -> int:
         rows = suite_chunking(args, artifact)
     elif args.suite == "soak":
         rows, passed = suite_soak(args, artifact)
+    elif args.suite == "overload":
+        rows, passed = suite_overload(args, artifact)
+    elif args.suite == "big":
+        rows, passed = suite_big(args, artifact)
     else:
         with server_for(args, artifact, args.max_batch_size) as server:
             address = f"127.0.0.1:{server.port}"
