@@ -64,12 +64,15 @@ class BatcherConfig:
     Attributes:
         max_batch_size: most requests in one model call (1 disables batching).
         max_queue_delay_ms: longest the oldest request of a batch waits for company.
-        max_queue_size: requests that may wait at once; the next one is refused.
+        max_queue_size: requests that may wait at once; the next one is refused. The default, one batch
+            beside the one computing, keeps the model busy; a longer queue only adds waiting, and under
+            overload its requests are computed after their callers gave up (4x overload on the CPU
+            sandbox: goodput 47% of saturation with 32, 7% with 64, 8% with 256; docs/benchmarks.md).
     """
 
     max_batch_size: int = 32
     max_queue_delay_ms: float = 2.0
-    max_queue_size: int = 256
+    max_queue_size: int = 32
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1 or self.max_queue_size < 1 or self.max_queue_delay_ms < 0:

@@ -16,7 +16,7 @@ from protos.genrec.v1 import recommender_pb2 as pb
 from protos.genrec.v1 import recommender_pb2_grpc as pb_grpc
 from serving.batcher import BatcherConfig
 from serving.server import ServerConfig
-from serving.testing import ServerThread, make_random_artifact
+from serving.testing import Gate, ServerThread, make_random_artifact
 
 NUM_ITEMS = 3000  # room for long generations
 
@@ -207,4 +207,27 @@ def test_a_request_that_cannot_finish_behind_the_batch_computing_is_refused_at_a
         return refused_after
 
     assert asyncio.run(asyncio.wait_for(main(), timeout=10)) < 0.05
+
+
+def test_a_burst_beyond_two_batches_is_refused_at_arrival_by_default(artifact):
+    """Issue #20, 3: with the default queue (256 then) a burst queued for seconds behind the model, so
+    under overload requests were computed after their callers had given up. By default the queue
+    holds one batch beside the one computing; the rest of a burst is refused at once."""
+    with ServerThread(ServerConfig(artifact=artifact, port=0, metrics_port=0)) as server, \
+            grpc.insecure_channel(server.address) as channel, ThreadPoolExecutor(100) as pool:
+        stub = pb_grpc.RecommenderServiceStub(channel)
+        gate = Gate(server)
+        first = stub.Recommend.future(pb.RecommendRequest(user_id="1", top_k=2), timeout=20)
+        assert gate.entered.wait(10)  # the model is held with one batch
+        burst = list(pool.map(lambda _: stub.Recommend.future(pb.RecommendRequest(user_id="2", top_k=2), timeout=20),
+                              range(100)))
+        queue = BatcherConfig().max_queue_size
+        deadline = time.monotonic() + 2  # the refusals come at once, not after the callers' 20 s
+        while sum(f.done() for f in burst) < 100 - queue and time.monotonic() < deadline:
+            time.sleep(0.01)
+        refused = [f for f in burst if f.done()]
+        gate.open()
+        assert queue <= 32 and len(refused) == 100 - queue
+        assert {f.code() for f in refused} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+        assert all(len(f.result(timeout=20).items) == 2 for f in [first, *burst] if f not in refused)
 
