@@ -78,13 +78,19 @@ class ServerConfig:
         batcher: max batch size, max queue delay, queue bound.
         grace_s: how long in-flight RPCs may take to finish on shutdown.
         max_message_bytes: transport limit of one message (gRPC answers RESOURCE_EXHAUSTED above it);
-            ``max_request_bytes`` is the smaller application limit (INVALID_ARGUMENT above it).
+            ``max_request_bytes`` is the smaller application limit (INVALID_ARGUMENT above it). Each RPC in
+            progress holds at most one such message, raw and parsed: with ``max_concurrent_rpcs``, ~512 MiB
+            at most by default.
         max_request_bytes: largest request ``serving.validation`` accepts.
         keepalive_time_s: ping a connection idle this long, so dead peers are noticed.
         keepalive_timeout_s: drop it when a ping is not answered this fast.
         min_client_ping_interval_s: clients pinging more often than this are told to go away.
         tls_cert, tls_key: PEM files; both set serves TLS, neither serves plaintext.
         max_unrequested_rpcs: RPCs gRPC core may hold before the event loop takes them.
+        max_concurrent_rpcs: RPCs in progress at once (streams and health watches included); one more
+            is refused at arrival with RESOURCE_EXHAUSTED by gRPC itself, before its message is read:
+            what the server holds (memory, event-loop time) stays bounded however many calls arrive. The
+            default leaves room for a full queue, a batch computing and every generation.
         torch_threads: intra-op threads of the model (the event loop needs a core too).
         device: "cpu" or "cuda".
         kv_cache_mb: per-user KV cache (HSTU) of this many MiB; 0 computes every history in full.
@@ -110,7 +116,7 @@ class ServerConfig:
     metrics_port: int | None = None
     batcher: BatcherConfig = field(default_factory=BatcherConfig)
     grace_s: float = 10.0
-    max_message_bytes: int = 4 << 20
+    max_message_bytes: int = 2 << 20
     max_request_bytes: int = 1 << 20
     keepalive_time_s: float = 60.0
     keepalive_timeout_s: float = 20.0
@@ -118,6 +124,7 @@ class ServerConfig:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     max_unrequested_rpcs: int = 10_000
+    max_concurrent_rpcs: int = 128
     torch_threads: int = 1
     device: str = "cpu"
     kv_cache_mb: float = 0.0
@@ -403,7 +410,7 @@ class RecommenderServer:
         cfg = self.config
         torch.set_num_threads(cfg.torch_threads)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        server = grpc.aio.server(options=cfg.grpc_options())
+        server = grpc.aio.server(options=cfg.grpc_options(), maximum_concurrent_rpcs=cfg.max_concurrent_rpcs)
         add_servicer(self._servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
@@ -517,6 +524,8 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerConfig:
     p.add_argument("--grace-s", type=float, default=d.grace_s, help="shutdown grace period")
     p.add_argument("--max-message-bytes", type=int, default=d.max_message_bytes)
     p.add_argument("--max-request-bytes", type=int, default=d.max_request_bytes)
+    p.add_argument("--max-concurrent-rpcs", type=int, default=d.max_concurrent_rpcs,
+                   help="RPCs in progress at once; more are refused at arrival (RESOURCE_EXHAUSTED)")
     p.add_argument("--keepalive-time-s", type=float, default=d.keepalive_time_s)
     p.add_argument("--keepalive-timeout-s", type=float, default=d.keepalive_timeout_s)
     p.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate chain (with --tls-key)")
@@ -545,6 +554,7 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerConfig:
         artifact=a.artifact, host=a.host, port=a.port, metrics_port=a.metrics_port,
         batcher=BatcherConfig(a.max_batch_size, a.max_queue_delay_ms, a.max_queue_size),
         grace_s=a.grace_s, max_message_bytes=a.max_message_bytes, max_request_bytes=a.max_request_bytes,
+        max_concurrent_rpcs=a.max_concurrent_rpcs,
         keepalive_time_s=a.keepalive_time_s, keepalive_timeout_s=a.keepalive_timeout_s,
         tls_cert=a.tls_cert, tls_key=a.tls_key, torch_threads=a.torch_threads, device=a.device,
         kv_cache_mb=a.kv_cache_mb, prefill_chunk_tokens=a.prefill_chunk_tokens, cuda_graphs=a.cuda_graphs,

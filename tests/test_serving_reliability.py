@@ -231,3 +231,26 @@ def test_a_burst_beyond_two_batches_is_refused_at_arrival_by_default(artifact):
         assert {f.code() for f in refused} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
         assert all(len(f.result(timeout=20).items) == 2 for f in [first, *burst] if f not in refused)
 
+
+def test_rpcs_beyond_the_concurrency_limit_are_refused_before_their_message_is_read(artifact):
+    """Issue #20, 7: nothing bounded the RPCs in progress, so 400 concurrent ~4 MiB requests were all
+    received and parsed at once (RSS 1.58 -> 2.79 GiB). Past --max-concurrent-rpcs gRPC refuses a call
+    at arrival, before reading its message."""
+    config = ServerConfig(artifact=artifact, port=0, max_concurrent_rpcs=8,
+                          batcher=BatcherConfig(max_batch_size=1, max_queue_delay_ms=0, max_queue_size=16))
+    with ServerThread(config) as server, grpc.insecure_channel(server.address) as channel, \
+            ThreadPoolExecutor(20) as pool:
+        stub = pb_grpc.RecommenderServiceStub(channel)
+        gate = Gate(server)
+        held = [stub.Recommend.future(pb.RecommendRequest(user_id="1", top_k=2), timeout=20) for _ in range(8)]
+        assert gate.entered.wait(10)
+        deadline = time.monotonic() + 10
+        while server.server._servicer.in_flight < 8:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        big = pb.RecommendRequest(user_id="1", top_k=2, exclude_item_ids=["x" * 1000] * 3000)  # ~3 MiB
+        refused = list(pool.map(lambda _: timed(lambda: stub.Recommend(big, timeout=20)), range(20)))
+        gate.open()
+        assert {code for code, _ in refused} == {"RESOURCE_EXHAUSTED: Concurrent RPC limit exceeded!"}, refused
+        assert max(t for _, t in refused) < 2.0
+        assert all(len(f.result(timeout=20).items) == 2 for f in held)
