@@ -319,7 +319,7 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
             yield
         except Rejected as e:
             code = e.code
-            await context.abort(e.code, e.message)  # raises; the status goes to the client
+            await _abort(context, e.code, e.message)
         except (asyncio.CancelledError, GeneratorExit):
             # gRPC cancels the handler when the client goes away or its deadline passes.
             remaining = context.time_remaining()
@@ -329,13 +329,24 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
         except Exception:
             log.exception("%s failed", method)
             code = grpc.StatusCode.INTERNAL
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
+            await _abort(context, grpc.StatusCode.INTERNAL, "internal error; see the server log")
         finally:
             self.metrics.requests.labels(method=method, code=code.name).inc()
             self.metrics.request_latency.labels(method=method).observe(time.perf_counter() - start)
             self.in_flight -= 1
             if self.in_flight == 0:
                 self.idle.set()
+
+
+async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> None:
+    """``context.abort``: sends the status to the client and raises AbortError, which ends the handler.
+    If gRPC has ended the RPC already (its deadline passed while the refusal was on its way, as under
+    overload), sending fails with ExecuteBatchError (an InternalError), which gRPC would log as a
+    traceback; the handler then ends as gRPC's own cancellation ends it (CancelledError)."""
+    try:
+        await context.abort(code, message)
+    except grpc.aio.InternalError:
+        raise asyncio.CancelledError from None
 
 
 @dataclass(frozen=True)

@@ -11,11 +11,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
+from grpc._cython.cygrpc import ExecuteBatchError
 
 from protos.genrec.v1 import recommender_pb2 as pb
 from protos.genrec.v1 import recommender_pb2_grpc as pb_grpc
 from serving.batcher import BatcherConfig
-from serving.server import ServerConfig
+from serving.metrics import Metrics
+from serving.server import RecommenderServicer, ServerConfig
 from serving.testing import Gate, ServerThread, make_random_artifact
 
 NUM_ITEMS = 3000  # room for long generations
@@ -254,3 +256,41 @@ def test_rpcs_beyond_the_concurrency_limit_are_refused_before_their_message_is_r
         assert {code for code, _ in refused} == {"RESOURCE_EXHAUSTED: Concurrent RPC limit exceeded!"}, refused
         assert max(t for _, t in refused) < 2.0
         assert all(len(f.result(timeout=20).items) == 2 for f in held)
+
+
+
+class FinishedRpc:
+    """A servicer context whose RPC gRPC has already ended (its deadline passed while the refusal was
+    on its way): sending a status fails, as grpc.aio's abort does then."""
+
+    def time_remaining(self) -> float:
+        return 0.0
+
+    def peer(self) -> str:
+        return "ipv4:127.0.0.1:1"
+
+    async def abort(self, code: grpc.StatusCode, details: str) -> None:
+        raise ExecuteBatchError("Failed \"execute_batch\": (<grpc._cython.cygrpc.SendStatusFromServerOperation>,)")
+
+
+@pytest.mark.parametrize("method", ["Recommend", "RecommendStream", "AppendEvents", "Generate"])
+def test_a_refusal_that_finds_the_rpc_already_over_ends_it_quietly(method):
+    """Issue #20, 13: under overload a refusal (here UNAVAILABLE: no model loaded) could reach gRPC after
+    the RPC's deadline had ended it; abort then raised ExecuteBatchError out of the handler and gRPC
+    logged its traceback. The handler now ends as gRPC's own cancellation would (CancelledError,
+    logged by gRPC at DEBUG)."""
+    servicer = RecommenderServicer(Metrics())
+    request = pb.GenerateRequest(num_items=1) if method == "Generate" else (
+        pb.AppendEventsRequest(user_id="1") if method == "AppendEvents" else pb.RecommendRequest(user_id="1", top_k=1))
+
+    async def call() -> None:
+        reply = getattr(servicer, method)(request, FinishedRpc())
+        if method in ("RecommendStream", "Generate"):
+            async for _ in reply:
+                pass
+        else:
+            await reply
+
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(asyncio.wait_for(call(), timeout=5))
+    assert servicer.in_flight == 0
