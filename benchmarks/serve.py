@@ -12,6 +12,10 @@ Suites:
   engine   no gRPC: Engine.compute alone at batch sizes 1..64, the ceiling that batching can reach.
   soak     open loop at --soak-factor times the saturation throughput for --duration seconds; checks the
            server stays up, answers only OK / RESOURCE_EXHAUSTED / DEADLINE_EXCEEDED, and samples its RSS.
+  generations (issue #20) --generations Generate streams of --generate-items items (started over --ramp-s) with
+           Recommend probes (--probe-qps) for --probe-s seconds, then SIGTERM with the streams active: how
+           generations and probes were answered, and how fast the server exited. Twice: with the
+           server's default limits, and with --max-generations as high as --generations.
   big      (issue #20) --big-requests concurrent requests of ~--big-request-mib MiB (over the server's
            1 MiB request limit, under its 4 MiB transport limit): its RSS before, at the peak, after.
   overload (issue #20) saturation (closed loop), then --overload-factor times it, open loop over
@@ -38,6 +42,7 @@ import os
 import platform
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import threading
@@ -447,6 +452,101 @@ def suite_overload(args, artifact: Path) -> tuple[list[LoadResult], bool]:
     return [sat, over] + ([check] if check else []), passed
 
 
+@dataclass
+class GenerationRun:
+    """What ``suite_generations`` saw of one server."""
+
+    label: str
+    started: int = 0  # streams that produced their first item
+    refused_s: list[float] = field(default_factory=list)  # seconds to each refusal of a Generate
+    refusals: collections.Counter[str] = field(default_factory=collections.Counter)
+    probes: LoadResult | None = None
+    probe_refusals_ms: list[float] = field(default_factory=list)
+    active_at_sigterm: int = 0
+    exit_code: int | None = None
+    exit_s: float = float("nan")
+
+
+async def _generations(address: str, args: argparse.Namespace, run: GenerationRun, server: ServerProcess) -> None:
+    """Starts the streams, probes while they run, then SIGTERMs the server and times its exit."""
+    loop = asyncio.get_running_loop()
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = pb_grpc.RecommenderServiceStub(channel)
+
+        async def generate(user: int, first: asyncio.Future[None]) -> None:
+            await asyncio.sleep(user * args.ramp_s / args.generations)  # callers arrive over --ramp-s
+            started = time.perf_counter()
+            request = pb.GenerateRequest(context=pb.RecommendRequest(user_id=str(user)), num_items=args.generate_items)
+            try:
+                async for _ in stub.Generate(request, timeout=600):
+                    if not first.done():
+                        run.started += 1
+                        first.set_result(None)
+            except grpc.aio.AioRpcError as e:
+                if not first.done():
+                    run.refused_s.append(time.perf_counter() - started)
+                    run.refusals[e.code().name] += 1
+            finally:
+                if not first.done():
+                    first.set_result(None)
+
+        firsts = [loop.create_future() for _ in range(args.generations)]
+        streams = [asyncio.create_task(generate(user, first)) for user, first in enumerate(firsts)]
+        await asyncio.gather(*firsts)  # every stream generating or refused
+        run.probes = LoadResult(run.label, "probes", f"{args.probe_qps:g}/s", args.probe_s, collections.Counter(), [])
+        start = time.perf_counter()
+        for i in range(int(args.probe_qps * args.probe_s)):
+            await asyncio.sleep(max(0.0, start + i / args.probe_qps - time.perf_counter()))
+            sent = time.perf_counter()
+            try:
+                await stub.Recommend(pb.RecommendRequest(user_id=str(i % args.num_users), top_k=args.top_k),
+                                     timeout=args.timeout)
+                run.probes.codes["OK"] += 1
+                run.probes.latencies_ms.append((time.perf_counter() - sent) * 1000)
+            except grpc.aio.AioRpcError as e:
+                run.probes.codes[e.code().name] += 1
+                run.probe_refusals_ms.append((time.perf_counter() - sent) * 1000)
+        run.active_at_sigterm = sum(not task.done() for task in streams)
+        server.proc.send_signal(signal.SIGTERM)
+        sigterm = time.perf_counter()
+        while server.proc.poll() is None and time.perf_counter() - sigterm < args.grace_s + 30:
+            await asyncio.sleep(0.01)
+        run.exit_s, run.exit_code = time.perf_counter() - sigterm, server.proc.poll()
+        await asyncio.gather(*streams, return_exceptions=True)
+
+
+def suite_generations(args, artifact: Path) -> tuple[list[LoadResult], bool]:
+    """Issue #20, 1 and 2. Passes if every probe is answered OK or refused at arrival (within
+    --arrival-ms), and the server exits 0 within --grace-s + 2 s of SIGTERM, on both servers."""
+    runs = []
+    for label, flags in (("default limits", ()), (f"--max-generations {args.generations}",
+                                                   ("--max-generations", str(args.generations)))):
+        run = GenerationRun(label)
+        server = ServerProcess(artifact, args.max_batch_size, args.max_queue_delay_ms, args.max_queue_size,
+                               args.torch_threads, args.device, ("--grace-s", str(args.grace_s), *flags))
+        with server:
+            asyncio.run(_generations(f"127.0.0.1:{server.port}", args, run, server))
+        runs.append(run)
+    print(f"\n{args.generations} Generate streams of {args.generate_items} items, Recommend probes at "
+          f"{args.probe_qps:g}/s for {args.probe_s:g}s (deadline {args.timeout:g}s), then SIGTERM (--grace-s "
+          f"{args.grace_s:g})\n")
+    print("| server | generating | Generate refused (slowest) | probes | probe p50 / p99 ms | probes refused "
+          "(slowest) | active at SIGTERM | exit code | exit after SIGTERM |\n|---|--:|---|---|--:|---|--:|--:|--:|")
+    passed = True
+    for r in runs:
+        assert r.probes is not None
+        refused = f"{sum(r.refusals.values())} {dict(r.refusals)} ({max(r.refused_s, default=0) * 1000:.0f} ms)"
+        probe_refused = sum(v for k, v in r.probes.codes.items() if k != "OK")
+        slowest = max(r.probe_refusals_ms, default=0.0)
+        print(f"| {r.label} | {r.started} | {refused} | {dict(r.probes.codes)} | "
+              f"{r.probes.percentile(50):.0f} / {r.probes.percentile(99):.0f} | "
+              f"{probe_refused} ({slowest:.0f} ms) | {r.active_at_sigterm} | {r.exit_code} | {r.exit_s:.2f} s |")
+        passed &= slowest <= args.arrival_ms and r.exit_code == 0 and r.exit_s <= args.grace_s + 2
+    print(f"\ngenerations {'passed' if passed else 'FAILED'} (probes OK or refused within {args.arrival_ms:g} ms; "
+          f"exit 0 within grace + 2 s)")
+    return [r.probes for r in runs if r.probes is not None], passed
+
+
 def suite_big(args, artifact: Path) -> tuple[list[LoadResult], bool]:
     """Issue #20, 7: what a burst of large requests from as many callers (one connection each) makes the
     server hold. Passes if the server stays up and answers each INVALID_ARGUMENT (too large) or
@@ -519,7 +619,8 @@ def print_table(rows: list[LoadResult]) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.serve", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--suite", choices=["compare", "closed", "open", "soak", "overload", "big", "engine", "chunking"],
+    p.add_argument("--suite", choices=["compare", "closed", "open", "soak", "overload", "generations", "big", "engine",
+                                       "chunking"],
                    default="compare")
     p.add_argument("--long-callers", type=int, default=4, help="suite chunking: callers sending long histories")
     p.add_argument("--prefill-chunk", type=int, default=16, help="suite chunking: the chunked server's chunk")
@@ -545,6 +646,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="load-generator processes (suites compare, closed, open, overload)")
     p.add_argument("--soak-s", type=float, default=60.0)
     p.add_argument("--soak-factor", type=float, default=4.0)
+    p.add_argument("--generations", type=int, default=100, help="suite generations: Generate streams at once")
+    p.add_argument("--generate-items", type=int, default=1000, help="suite generations: num_items of each")
+    p.add_argument("--ramp-s", type=float, default=2.0, help="suite generations: seconds over which the streams start")
+    p.add_argument("--probe-qps", type=float, default=10.0, help="suite generations: Recommend probes per second")
+    p.add_argument("--probe-s", type=float, default=10.0, help="suite generations: seconds of probes")
+    p.add_argument("--grace-s", type=float, default=2.0, help="suite generations: the server's shutdown grace")
+    p.add_argument("--arrival-ms", type=float, default=100.0,
+                   help="suite generations: a probe refused later than this was not refused at arrival")
     p.add_argument("--big-requests", type=int, default=400, help="suite big: concurrent requests")
     p.add_argument("--big-request-mib", type=float, default=3.8, help="suite big: size of each request")
     p.add_argument("--overload-s", type=float, default=60.0, help="suite overload: seconds of overload")
@@ -566,6 +675,8 @@ def main(argv: list[str] | None = None) -> int:
         rows, passed = suite_soak(args, artifact)
     elif args.suite == "overload":
         rows, passed = suite_overload(args, artifact)
+    elif args.suite == "generations":
+        rows, passed = suite_generations(args, artifact)
     elif args.suite == "big":
         rows, passed = suite_big(args, artifact)
     else:
