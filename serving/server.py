@@ -57,7 +57,7 @@ from serving.validation import (
 log = logging.getLogger("serving")
 
 OVERLOADED = "server overloaded: the request queue is full; retry with backoff"
-TOO_MANY_GENERATIONS = "server busy: {} generations in progress, its limit; retry with backoff"
+TOO_MANY_GENERATIONS = "server busy: {} of {} generations in progress; retry with backoff"
 
 STOP_BACKSTOP_S = 5.0
 """How long after the grace period gRPC's own shutdown timer would cancel what is left (see shutdown)."""
@@ -106,7 +106,7 @@ class ServerConfig:
         max_beam_work: most beam_width x num_items of one beam search.
         append_events: serve AppendEvents. It writes server-side state for any user_id and the server
             authenticates no caller: keep it on only where every caller that can reach the port is
-            trusted to write users' histories (see the README's "Limits").
+            trusted to write users' histories (the README's "Trust boundary").
         max_appended_users, max_appended_events: what AppendEvents may hold (``AppendLimits``).
     """
 
@@ -258,7 +258,8 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
         crowd out every other request."""
         n = min(max(1, beam_width), self.max_generations)
         if self.generations + n > self.max_generations:
-            raise Rejected(grpc.StatusCode.RESOURCE_EXHAUSTED, TOO_MANY_GENERATIONS.format(self.generations))
+            busy = TOO_MANY_GENERATIONS.format(self.generations, self.max_generations)
+            raise Rejected(grpc.StatusCode.RESOURCE_EXHAUSTED, busy)
         self.generations += n
         try:
             yield
