@@ -435,7 +435,6 @@ def suite_overload(args, artifact: Path) -> tuple[list[LoadResult], bool]:
     DEADLINE_EXCEEDED, and its RSS stays flat."""
     with server_for(args, artifact, args.max_batch_size) as server:
         address = f"127.0.0.1:{server.port}"
-        os.nice(args.client_nice)  # this process and the client processes it starts from now on
         sat = saturation(args, server, "saturation")
         before = server.scrape()
         qps = args.overload_factor * sat.throughput
@@ -666,7 +665,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--big-request-mib", type=float, default=3.8, help="suite big: size of each request")
     p.add_argument("--overload-s", type=float, default=60.0, help="suite overload: seconds of overload")
     p.add_argument("--overload-factor", type=float, default=4.0, help="suite overload: offered / saturation")
-    p.add_argument("--client-nice", type=int, default=0, help="suite overload: niceness of the load generator")
     p.add_argument("--goodput-goal", type=float, default=0.7, help="suite overload: least OK/s / saturation")
     args = p.parse_args(argv)
 
