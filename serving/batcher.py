@@ -45,7 +45,6 @@ R = TypeVar("R")
 log = logging.getLogger(__name__)
 
 RECENT_BATCHES = 8
-"""Deadlines are judged against the slowest of this many recent batches (``_batch_seconds``)."""
 
 DEADLINE_MARGIN_S = 0.01
 """A request is answered DEADLINE_EXCEEDED this long before its deadline, so the explicit status
@@ -121,7 +120,7 @@ class DynamicBatcher(Generic[Q, R]):
         self._current: list[_Pending[Q, R]] = []  # the batch being collected or computed
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         self._task: asyncio.Task[None] | None = None
-        # The last batches' compute times (seconds).
+        # The last batches' compute times: deadlines are judged against the slowest of them (see _batch_seconds).
         self._recent_batches: collections.deque[float] = collections.deque(maxlen=RECENT_BATCHES)
         self._computing_since: float | None = None  # loop.time() the batch on the model thread started
 
