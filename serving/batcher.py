@@ -44,8 +44,6 @@ R = TypeVar("R")
 
 log = logging.getLogger(__name__)
 
-RECENT_BATCHES = 8
-
 DEADLINE_MARGIN_S = 0.01
 """A request is answered DEADLINE_EXCEEDED this long before its deadline, so the explicit status
 reaches the client before gRPC's own deadline handling cancels the call."""
@@ -120,20 +118,11 @@ class DynamicBatcher(Generic[Q, R]):
         self._current: list[_Pending[Q, R]] = []  # the batch being collected or computed
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         self._task: asyncio.Task[None] | None = None
-        # The last batches' compute times: deadlines are judged against the slowest of them (see _batch_seconds).
-        self._recent_batches: collections.deque[float] = collections.deque(maxlen=RECENT_BATCHES)
+        self._batch_seconds = 0.0
         self._computing_since: float | None = None  # loop.time() the batch on the model thread started
 
     async def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="batcher")
-
-    @property
-    def _batch_seconds(self) -> float:
-        """What a batch costs now, pessimistically: the slowest of the last ``RECENT_BATCHES``. Under
-        overload batch times swing by a third from one batch to the next; judged against their average,
-        a request was computed and then missed its deadline (~10 ms of model time each on the CPU
-        sandbox) where refusing it at arrival costs ~0.5 ms of the event loop."""
-        return max(self._recent_batches, default=0.0)
 
     def expected_wait(self) -> float:
         """Seconds until a request queued now would be answered, at the recent batch time: what is left
@@ -294,7 +283,8 @@ class DynamicBatcher(Generic[Q, R]):
         finally:
             self._computing_since = None
         elapsed = time.perf_counter() - t0
-        self._recent_batches.append(elapsed)
+        # A moving average of batch time, so deadlines are judged against what a batch costs now.
+        self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * elapsed if self._batch_seconds else elapsed
         if self._metrics is not None:
             self._metrics.compute_latency.observe(elapsed)
         for item, result in zip(batch, results, strict=True):
