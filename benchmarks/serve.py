@@ -12,6 +12,16 @@ Suites:
   engine   no gRPC: Engine.compute alone at batch sizes 1..64, the ceiling that batching can reach.
   soak     open loop at --soak-factor times the saturation throughput for --duration seconds; checks the
            server stays up, answers only OK / RESOURCE_EXHAUSTED / DEADLINE_EXCEEDED, and samples its RSS.
+  generations (issue #20) --generations Generate streams of --generate-items items (started over --ramp-s) with
+           Recommend probes (--probe-qps) for --probe-s seconds, then SIGTERM with the streams active: how
+           generations and probes were answered, and how fast the server exited. Twice: with the
+           server's default limits, and with --max-generations as high as --generations.
+  big      (issue #20) --big-requests concurrent requests of ~--big-request-mib MiB (over the server's
+           1 MiB request limit, under its 4 MiB transport limit): its RSS before, at the peak, after.
+  overload (issue #20) saturation (closed loop), then --overload-factor times it, open loop over
+           --client-procs processes, for --overload-s seconds: goodput (OK/s) as a share of saturation
+           against --goodput-goal, the server's RSS, the codes it answered, and what it computed
+           for nothing (requests computed but not answered OK).
 
 The server runs as its own process (`python -m serving.server`), started per configuration. Without
 --artifact a random-weight export of ML-1M's size (3706 items, 6040 users, d=50, 2 HSTU blocks, max
@@ -24,6 +34,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import datetime
 import functools
 import multiprocessing
@@ -31,6 +42,7 @@ import os
 import platform
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import threading
@@ -47,10 +59,15 @@ import psutil
 
 from protos.genrec.v1 import recommender_pb2 as pb
 from protos.genrec.v1 import recommender_pb2_grpc as pb_grpc
+from serving.batcher import BatcherConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".cache" / "bench-serve"
 ACCEPTED_UNDER_OVERLOAD = {"OK", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED"}
+REFUSED_BACKOFF_S = 0.05
+"""A closed-loop caller refused for a full queue waits this long before its next request, as the API
+asks ("retry with backoff"): without it, callers at the admission limit spin on refusals and the loop
+measures those instead of the server's throughput."""
 
 
 # --- the artifact --------------------------------------------------------------------------------
@@ -160,13 +177,16 @@ def requests(num_users: int, top_k: int, seed: int = 0) -> Iterator[pb.Recommend
 
 
 async def _one(stub: pb_grpc.RecommenderServiceStub, request: pb.RecommendRequest, start: float, timeout: float,
-               result: LoadResult) -> None:
+               result: LoadResult) -> str:
+    """Sends ``request``, counts its reply in ``result`` and returns the reply's code name."""
     try:
         await stub.Recommend(request, timeout=timeout)
-        result.codes["OK"] += 1
+        code = "OK"
         result.latencies_ms.append((time.perf_counter() - start) * 1000)
     except grpc.aio.AioRpcError as e:
-        result.codes[e.code().name] += 1
+        code = e.code().name
+    result.codes[code] += 1
+    return code
 
 
 def history_requests(length: int, num_items: int, seed: int) -> Iterator[pb.RecommendRequest]:
@@ -193,7 +213,8 @@ async def closed_loop(address: str, concurrency: int, duration: float, timeout: 
 
         async def caller() -> None:
             while (now := time.perf_counter()) < stop_at:
-                await _one(stub, next(source), now, timeout, result)
+                if await _one(stub, next(source), now, timeout, result) == "RESOURCE_EXHAUSTED":
+                    await asyncio.sleep(REFUSED_BACKOFF_S)
 
         await asyncio.gather(*(caller() for _ in range(concurrency)))
     return result
@@ -268,7 +289,7 @@ def load(args: argparse.Namespace, mode: str, address: str, level: float, durati
 # --- suites --------------------------------------------------------------------------------------
 def server_for(args: argparse.Namespace, artifact: Path, batch_size: int) -> ServerProcess:
     return ServerProcess(artifact, batch_size, args.max_queue_delay_ms, args.max_queue_size, args.torch_threads,
-                         args.device)
+                         args.device, tuple(shlex.split(args.server_args)))
 
 
 def saturation(args, server: ServerProcess, label: str) -> LoadResult:
@@ -364,6 +385,204 @@ def suite_soak(args, artifact: Path) -> tuple[list[LoadResult], bool]:
     return [sat, soak] + ([after] if after else []), passed
 
 
+@contextlib.contextmanager
+def sampling_rss(server: ServerProcess, every_s: float = 5.0) -> Iterator[list[tuple[float, float]]]:
+    """(seconds, RSS MiB) of the server every ``every_s`` while the block runs, and at both ends."""
+    start = time.perf_counter()
+    samples = [(0.0, server.rss_mib())]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(every_s) and server.alive():
+            samples.append((time.perf_counter() - start, server.rss_mib()))
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield samples
+    finally:
+        stop.set()
+        thread.join()
+        if server.alive():
+            samples.append((time.perf_counter() - start, server.rss_mib()))
+
+
+def rss_flat(samples: list[tuple[float, float]], duration: float) -> tuple[bool, str]:
+    """Whether RSS grew less than 5% over the second half of the run, and a line saying so."""
+    half = [m for t, m in samples if t >= duration / 2] or [samples[-1][1]]
+    line = (f"RSS (MiB) every 5 s: {', '.join(f'{m:.0f}' for _, m in samples)}; second half {min(half):.0f}-"
+            f"{max(half):.0f} (end - middle {half[-1] - half[0]:+.0f})")
+    return half[-1] - half[0] < 0.05 * half[0], line
+
+
+def server_side(before: dict[str, float], after: dict[str, float]) -> str:
+    """What the server counted between two scrapes: replies by code, requests computed, batches."""
+    d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+    batches = d.get("genrec_batch_size_count", 0.0)
+    computed = d.get("genrec_batch_size_sum", 0.0)
+    replies = {k.split("[")[1][:-1]: int(v) for k, v in d.items() if k.startswith("genrec_requests_total[") and v}
+    ok = replies.get("OK", 0)
+    return (f"server side: replies {replies}; {computed:.0f} requests computed in {batches:.0f} batches (mean size "
+            f"{computed / max(batches, 1):.1f}, mean compute "
+            f"{d.get('genrec_compute_latency_seconds_sum', 0.0) / max(batches, 1) * 1000:.0f} ms), "
+            f"{ok / max(computed, 1):.0%} of them answered OK")
+
+
+def suite_overload(args, artifact: Path) -> tuple[list[LoadResult], bool]:
+    """Issue #20, 3: a trusted server keeps its goodput near saturation under overload by refusing
+    early what it cannot serve in time. Passes if OK/s under --overload-factor x saturation is at
+    least --goodput-goal of saturation, the server stays up, answers only OK / RESOURCE_EXHAUSTED /
+    DEADLINE_EXCEEDED, and its RSS stays flat."""
+    with server_for(args, artifact, args.max_batch_size) as server:
+        address = f"127.0.0.1:{server.port}"
+        sat = saturation(args, server, "saturation")
+        before = server.scrape()
+        qps = args.overload_factor * sat.throughput
+        print(f"overload: {qps:.0f} req/s offered ({args.overload_factor:g}x saturation {sat.throughput:.0f} OK/s) "
+              f"for {args.overload_s:.0f}s over {args.client_procs} client processes", file=sys.stderr)
+        with sampling_rss(server) as rss:
+            over = load(args, "open", address, qps, args.overload_s, f"{args.overload_factor:g}x saturation")
+        alive = server.alive()
+        after = server.scrape() if alive else {}
+        check = load(args, "closed", address, 1, 1.0, "after") if alive else None
+    unexpected = set(over.codes) - ACCEPTED_UNDER_OVERLOAD
+    flat, rss_line = rss_flat(rss, args.overload_s)
+    share = over.throughput / sat.throughput
+    passed = alive and not unexpected and flat and share >= args.goodput_goal
+    print(f"\n{rss_line}\nserver alive: {alive}; unexpected codes: {sorted(unexpected) or 'none'}; "
+          f"after: {dict(check.codes) if check else 'server gone'}")
+    if after:
+        print(server_side(before, after))
+    print(f"\n| saturation OK/s | offered req/s | OK/s under overload | share of saturation | goal | result |\n"
+          f"|--:|--:|--:|--:|--:|---|\n| {sat.throughput:.0f} | {qps:.0f} | {over.throughput:.0f} | {share:.0%} | "
+          f">= {args.goodput_goal:.0%} | {'passed' if passed else 'FAILED'} |")
+    return [sat, over] + ([check] if check else []), passed
+
+
+@dataclass
+class GenerationRun:
+    """What ``suite_generations`` saw of one server."""
+
+    label: str
+    started: int = 0  # streams that produced their first item
+    refused_s: list[float] = field(default_factory=list)  # seconds to each refusal of a Generate
+    refusals: collections.Counter[str] = field(default_factory=collections.Counter)
+    probes: LoadResult | None = None
+    probe_refusals_ms: list[float] = field(default_factory=list)
+    active_at_sigterm: int = 0
+    exit_code: int | None = None
+    exit_s: float = float("nan")
+
+
+async def _generations(address: str, args: argparse.Namespace, run: GenerationRun, server: ServerProcess) -> None:
+    """Starts the streams, probes while they run, then SIGTERMs the server and times its exit."""
+    loop = asyncio.get_running_loop()
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = pb_grpc.RecommenderServiceStub(channel)
+
+        async def generate(user: int, first: asyncio.Future[None]) -> None:
+            await asyncio.sleep(user * args.ramp_s / args.generations)  # callers arrive over --ramp-s
+            started = time.perf_counter()
+            request = pb.GenerateRequest(context=pb.RecommendRequest(user_id=str(user)), num_items=args.generate_items)
+            try:
+                async for _ in stub.Generate(request, timeout=600):
+                    if not first.done():
+                        run.started += 1
+                        first.set_result(None)
+            except grpc.aio.AioRpcError as e:
+                if not first.done():
+                    run.refused_s.append(time.perf_counter() - started)
+                    run.refusals[e.code().name] += 1
+            finally:
+                if not first.done():
+                    first.set_result(None)
+
+        firsts = [loop.create_future() for _ in range(args.generations)]
+        streams = [asyncio.create_task(generate(user, first)) for user, first in enumerate(firsts)]
+        await asyncio.gather(*firsts)  # every stream generating or refused
+        run.probes = LoadResult(run.label, "probes", f"{args.probe_qps:g}/s", args.probe_s, collections.Counter(), [])
+        start = time.perf_counter()
+        for i in range(int(args.probe_qps * args.probe_s)):
+            await asyncio.sleep(max(0.0, start + i / args.probe_qps - time.perf_counter()))
+            sent = time.perf_counter()
+            try:
+                await stub.Recommend(pb.RecommendRequest(user_id=str(i % args.num_users), top_k=args.top_k),
+                                     timeout=args.timeout)
+                run.probes.codes["OK"] += 1
+                run.probes.latencies_ms.append((time.perf_counter() - sent) * 1000)
+            except grpc.aio.AioRpcError as e:
+                run.probes.codes[e.code().name] += 1
+                run.probe_refusals_ms.append((time.perf_counter() - sent) * 1000)
+        run.active_at_sigterm = sum(not task.done() for task in streams)
+        server.proc.send_signal(signal.SIGTERM)
+        sigterm = time.perf_counter()
+        while server.proc.poll() is None and time.perf_counter() - sigterm < args.grace_s + 30:
+            await asyncio.sleep(0.01)
+        run.exit_s, run.exit_code = time.perf_counter() - sigterm, server.proc.poll()
+        await asyncio.gather(*streams, return_exceptions=True)
+
+
+def suite_generations(args, artifact: Path) -> tuple[list[LoadResult], bool]:
+    """Issue #20, 1 and 2. Passes if every probe is answered OK or refused at arrival (within
+    --arrival-ms), and the server exits 0 within --grace-s + 2 s of SIGTERM, on both servers."""
+    runs = []
+    for label, flags in (("default limits", ()), (f"--max-generations {args.generations}",
+                                                   ("--max-generations", str(args.generations)))):
+        run = GenerationRun(label)
+        server = ServerProcess(artifact, args.max_batch_size, args.max_queue_delay_ms, args.max_queue_size,
+                               args.torch_threads, args.device, ("--grace-s", str(args.grace_s), *flags))
+        with server:
+            asyncio.run(_generations(f"127.0.0.1:{server.port}", args, run, server))
+        runs.append(run)
+    print(f"\n{args.generations} Generate streams of {args.generate_items} items, Recommend probes at "
+          f"{args.probe_qps:g}/s for {args.probe_s:g}s (deadline {args.timeout:g}s), then SIGTERM (--grace-s "
+          f"{args.grace_s:g})\n")
+    print("| server | generating | Generate refused (slowest) | probes | probe p50 / p99 ms | probes refused "
+          "(slowest) | active at SIGTERM | exit code | exit after SIGTERM |\n|---|--:|---|---|--:|---|--:|--:|--:|")
+    passed = True
+    for r in runs:
+        assert r.probes is not None
+        refused = f"{sum(r.refusals.values())} {dict(r.refusals)} ({max(r.refused_s, default=0) * 1000:.0f} ms)"
+        probe_refused = sum(v for k, v in r.probes.codes.items() if k != "OK")
+        slowest = max(r.probe_refusals_ms, default=0.0)
+        print(f"| {r.label} | {r.started} | {refused} | {dict(r.probes.codes)} | "
+              f"{r.probes.percentile(50):.0f} / {r.probes.percentile(99):.0f} | "
+              f"{probe_refused} ({slowest:.0f} ms) | {r.active_at_sigterm} | {r.exit_code} | {r.exit_s:.2f} s |")
+        passed &= slowest <= args.arrival_ms and r.exit_code == 0 and r.exit_s <= args.grace_s + 2
+    print(f"\ngenerations {'passed' if passed else 'FAILED'} (probes OK or refused within {args.arrival_ms:g} ms; "
+          f"exit 0 within grace + 2 s)")
+    return [r.probes for r in runs if r.probes is not None], passed
+
+
+def suite_big(args, artifact: Path) -> tuple[list[LoadResult], bool]:
+    """Issue #20, 7: what a burst of large requests from as many callers (one connection each) makes the
+    server hold. Passes if the server stays up and answers each INVALID_ARGUMENT (too large) or
+    RESOURCE_EXHAUSTED (refused)."""
+    ids = ["x" * 1000] * int(args.big_request_mib * 1000)
+    request = pb.RecommendRequest(user_id="1", top_k=10, exclude_item_ids=ids)
+    result = LoadResult("big requests", "burst", f"{args.big_requests} x {request.ByteSize() / 2**20:.1f} MiB", 0.0,
+                        collections.Counter(), [])
+
+    async def burst(address: str) -> None:
+        channels = [grpc.aio.insecure_channel(address, options=[("grpc.max_send_message_length", 8 << 20)])
+                    for _ in range(args.big_requests)]
+        await asyncio.gather(*(c.channel_ready() for c in channels))
+        start = time.perf_counter()
+        await asyncio.gather(*(_one(pb_grpc.RecommenderServiceStub(c), request, start, 60, result) for c in channels))
+        result.duration_s = time.perf_counter() - start
+        await asyncio.gather(*(c.close() for c in channels))
+
+    with server_for(args, artifact, args.max_batch_size) as server:
+        before = server.rss_mib()
+        with sampling_rss(server, every_s=0.1) as rss:
+            asyncio.run(burst(f"127.0.0.1:{server.port}"))
+        time.sleep(2)
+        after, alive = server.rss_mib(), server.alive()
+    print(f"\nserver RSS (MiB): before {before:.0f}, peak {max(m for _, m in rss):.0f}, 2 s after {after:.0f}; "
+          f"replies {dict(result.codes)} in {result.duration_s:.1f}s; server alive: {alive}")
+    return [result], alive and set(result.codes) <= {"INVALID_ARGUMENT", "RESOURCE_EXHAUSTED"}
+
+
 def suite_engine(args, artifact: Path) -> None:
     """Model time per batch without the server: what dynamic batching can save at most."""
     import torch
@@ -407,7 +626,9 @@ def print_table(rows: list[LoadResult]) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.serve", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--suite", choices=["compare", "closed", "open", "soak", "engine", "chunking"], default="compare")
+    p.add_argument("--suite", choices=["compare", "closed", "open", "soak", "overload", "generations", "big", "engine",
+                                       "chunking"],
+                   default="compare")
     p.add_argument("--long-callers", type=int, default=4, help="suite chunking: callers sending long histories")
     p.add_argument("--prefill-chunk", type=int, default=16, help="suite chunking: the chunked server's chunk")
     p.add_argument("--artifact", type=Path, default=None, help="an export; default: a random ML-1M-sized one")
@@ -420,17 +641,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=1.0, help="deadline of each request, seconds")
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--max-queue-delay-ms", type=float, default=2.0)
-    p.add_argument("--max-queue-size", type=int, default=256)
+    p.add_argument("--max-queue-size", type=int, default=BatcherConfig().max_queue_size)
     p.add_argument("--torch-threads", type=int, default=1)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the server runs the model")
+    p.add_argument("--server-args", default="", help="more flags of serving.server, e.g. '--max-concurrent-rpcs 128'")
     p.add_argument("--p99-bound-ms", type=float, default=100.0)
     p.add_argument("--bisect-from", type=float, default=0.5,
                    help="first open-loop rate tried, as a fraction of the closed-loop saturation (suite compare)")
     p.add_argument("--bisect-steps", type=int, default=5, help="open-loop rates tried per server (suite compare)")
     p.add_argument("--client-procs", type=int, default=max(1, min(4, (os.cpu_count() or 1) // 4)),
-                   help="load-generator processes (suites compare, closed, open)")
+                   help="load-generator processes (suites compare, closed, open, overload)")
     p.add_argument("--soak-s", type=float, default=60.0)
     p.add_argument("--soak-factor", type=float, default=4.0)
+    p.add_argument("--generations", type=int, default=100, help="suite generations: Generate streams at once")
+    p.add_argument("--generate-items", type=int, default=1000, help="suite generations: num_items of each")
+    p.add_argument("--ramp-s", type=float, default=2.0, help="suite generations: seconds over which the streams start")
+    p.add_argument("--probe-qps", type=float, default=10.0, help="suite generations: Recommend probes per second")
+    p.add_argument("--probe-s", type=float, default=10.0, help="suite generations: seconds of probes")
+    p.add_argument("--grace-s", type=float, default=2.0, help="suite generations: the server's shutdown grace")
+    p.add_argument("--arrival-ms", type=float, default=100.0,
+                   help="suite generations: a probe refused later than this was not refused at arrival")
+    p.add_argument("--big-requests", type=int, default=400, help="suite big: concurrent requests")
+    p.add_argument("--big-request-mib", type=float, default=3.8, help="suite big: size of each request")
+    p.add_argument("--overload-s", type=float, default=60.0, help="suite overload: seconds of overload")
+    p.add_argument("--overload-factor", type=float, default=4.0, help="suite overload: offered / saturation")
+    p.add_argument("--goodput-goal", type=float, default=0.7, help="suite overload: least OK/s / saturation")
     args = p.parse_args(argv)
 
     artifact = args.artifact or realistic_artifact(args.history_len, num_users=args.num_users)
@@ -444,6 +679,12 @@ def main(argv: list[str] | None = None) -> int:
         rows = suite_chunking(args, artifact)
     elif args.suite == "soak":
         rows, passed = suite_soak(args, artifact)
+    elif args.suite == "overload":
+        rows, passed = suite_overload(args, artifact)
+    elif args.suite == "generations":
+        rows, passed = suite_generations(args, artifact)
+    elif args.suite == "big":
+        rows, passed = suite_big(args, artifact)
     else:
         with server_for(args, artifact, args.max_batch_size) as server:
             address = f"127.0.0.1:{server.port}"

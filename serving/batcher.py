@@ -14,6 +14,10 @@ instead of ones whose callers have given up.
 into the very next batch, ahead of the queue, for the same caller (a long prefill computed a chunk
 per model step, beside whatever else is queued, without a trip back through the event loop).
 
+Follow-ups (``Continue``'s next items and later steps of admitted RPCs, such as generation steps) are
+not counted against the queue bound, but while new requests wait they get at most half of a batch:
+many generations in flight must not starve the requests behind them, nor the reverse.
+
 Example::
 
     >>> batcher = DynamicBatcher(engine.compute, BatcherConfig(max_batch_size=32, max_queue_delay_ms=2))
@@ -60,12 +64,15 @@ class BatcherConfig:
     Attributes:
         max_batch_size: most requests in one model call (1 disables batching).
         max_queue_delay_ms: longest the oldest request of a batch waits for company.
-        max_queue_size: requests that may wait at once; the next one is refused.
+        max_queue_size: requests that may wait at once; the next one is refused. The default, one batch
+            beside the one computing, keeps the model busy; a longer queue only adds waiting, and under
+            overload its requests are computed after their callers gave up (4x overload on the CPU
+            sandbox: goodput 47% of saturation with 32, 7% with 64, 8% with 256; docs/benchmarks.md).
     """
 
     max_batch_size: int = 32
     max_queue_delay_ms: float = 2.0
-    max_queue_size: int = 256
+    max_queue_size: int = 32
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1 or self.max_queue_size < 1 or self.max_queue_delay_ms < 0:
@@ -77,11 +84,6 @@ class Continue(Generic[Q]):
     """A result that is not final: compute ``work`` in the next batch for the same caller."""
 
     work: Q
-
-
-_WAKE = object()
-"""Put on the queue to wake a batcher waiting for the first request of a batch when a follow-up has
-been added to the priority deque instead."""
 
 
 @dataclass
@@ -105,30 +107,41 @@ class DynamicBatcher(Generic[Q, R]):
         self.config = config
         self._compute = compute
         self._metrics = metrics
-        # Unbounded: admit() enforces max_queue_size on new requests; follow-ups of admitted ones never wait
-        # for room (refusing them would waste the work already done for their RPC).
-        self._queue: asyncio.Queue[_Pending[Q, R]] = asyncio.Queue()
-        # Continue's next items and follow-ups of admitted RPCs: taken before anything queued.
+        # New requests; admit() bounds them by max_queue_size.
+        self._queue: collections.deque[_Pending[Q, R]] = collections.deque()
+        # Continue's next items and follow-ups of admitted RPCs: never refused for room (that would waste
+        # the work already done for their RPC), taken first up to their share of a batch (_next).
         self._continued: collections.deque[_Pending[Q, R]] = collections.deque()
+        # Set when either deque receives an item, so a loop waiting for the first one wakes up.
+        self._arrived = asyncio.Event()
+        self._batches = 0  # batches collected so far; its parity alternates the odd slot of a batch
         self._current: list[_Pending[Q, R]] = []  # the batch being collected or computed
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         self._task: asyncio.Task[None] | None = None
         self._batch_seconds = 0.0
+        self._computing_since: float | None = None  # loop.time() the batch on the model thread started
 
     async def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="batcher")
 
     def expected_wait(self) -> float:
-        """Seconds until a request queued now would be answered, at the recent batch time: the full
-        batches ahead of it and its own. An empty queue counts as no wait, so a batch time inflated by
-        a stall is measured again instead of refusing every request from then on."""
-        queued = self._queue.qsize() + len(self._continued)
-        return (queued // self.config.max_batch_size + 1) * self._batch_seconds if queued else 0.0
+        """Seconds until a request queued now would be answered, at the recent batch time: what is left
+        of the batch computing, the full batches queued ahead of it, and its own. (Leaving out the batch
+        computing admitted, under overload, requests that then missed their deadline by about one batch
+        time: computed for nothing.) An idle batcher counts as no wait, so a batch time inflated by a
+        stall is measured again instead of refusing every request from then on."""
+        queued = len(self._queue) + len(self._continued)
+        if not queued and self._computing_since is None:
+            return 0.0
+        left = 0.0
+        if self._computing_since is not None:
+            left = max(0.0, self._computing_since + self._batch_seconds - asyncio.get_running_loop().time())
+        return left + (queued // self.config.max_batch_size + 1) * self._batch_seconds
 
     def admit(self, timeout: float | None) -> None:
         """Raises ``QueueFull`` or ``DeadlineExpired`` if a request with ``timeout`` seconds left would
         be refused now. Cheap: callers run it before validating, to shed load early."""
-        if self._queue.qsize() >= self.config.max_queue_size:
+        if len(self._queue) >= self.config.max_queue_size:
             raise QueueFull(f"the queue holds {self.config.max_queue_size} requests")
         if timeout is not None and timeout <= max(DEADLINE_MARGIN_S, wait := self.expected_wait()):
             raise DeadlineExpired(f"{timeout:.3f}s left, the queue ahead takes ~{wait:.3f}s")
@@ -145,12 +158,10 @@ class DynamicBatcher(Generic[Q, R]):
         now = loop.time()
         item = _Pending(query, loop.create_future(), now, None if timeout is None else now + timeout,
                         continued=follow_up)
-        if follow_up:
-            self._continued.append(item)
-            self._queue.put_nowait(_WAKE)  # in case the loop waits for a first request
-        else:
+        if not follow_up:
             self.admit(timeout)
-            self._queue.put_nowait(item)
+        (self._continued if follow_up else self._queue).append(item)
+        self._arrived.set()
         self._observe_depth()
         # If the RPC is cancelled (client gone) this await cancels the future too, and the batcher
         # skips it. The deadline is answered here, a little before gRPC's own timer would cancel the
@@ -166,12 +177,11 @@ class DynamicBatcher(Generic[Q, R]):
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        while not self._queue.empty():
-            self._queue.get_nowait().future.cancel()
-        while self._continued:
-            self._continued.popleft().future.cancel()
-        for item in self._current:  # collected or computing when the loop stopped: never answered otherwise
+        # _current: collected or computing when the loop stopped, so never answered otherwise.
+        for item in (*self._queue, *self._continued, *self._current):
             item.future.cancel()
+        self._queue.clear()
+        self._continued.clear()
         # A batch still on the model thread (past the grace period) is left to finish on its own.
         self._executor.shutdown(wait=False, cancel_futures=True)
 
@@ -194,24 +204,20 @@ class DynamicBatcher(Generic[Q, R]):
         one has waited ``max_queue_delay_ms``. Dead requests met on the way are answered and skipped,
         so under overload the queue drains work that could no longer be delivered without computing it."""
         self._current = batch = []
+        follow_ups = 0
         flush_at = 0.0
         while len(batch) < self.config.max_batch_size:
-            if self._continued:
-                item = self._continued.popleft()
-            elif not self._queue.empty():
-                item = self._queue.get_nowait()
-            elif not batch:
-                item = await self._queue.get()
-            else:
-                remaining = flush_at - loop.time()
-                if remaining <= 0:
+            item = self._next(follow_ups)
+            if item is None:
+                remaining = flush_at - loop.time() if batch else None
+                if remaining is not None and remaining <= 0:
                     break
+                self._arrived.clear()
                 try:
                     async with asyncio.timeout(remaining):
-                        item = await self._queue.get()
+                        await self._arrived.wait()
                 except TimeoutError:
                     break
-            if item is _WAKE:
                 continue
             if self._dead(item, loop.time()):
                 continue
@@ -219,8 +225,21 @@ class DynamicBatcher(Generic[Q, R]):
                 # A continued item has waited already: its batch takes what is queued and goes.
                 delay = 0.0 if item.continued else self.config.max_queue_delay_ms / 1000
                 flush_at = item.enqueued + delay
+            follow_ups += item.continued
             batch.append(item)
+        self._batches += 1
         return batch
+
+    def _next(self, follow_ups: int) -> _Pending[Q, R] | None:
+        """The next item for the batch being collected, which holds ``follow_ups`` follow-ups so far:
+        follow-ups first, but while new requests wait only up to half the batch (the odd slot of an
+        odd size alternates between the two from batch to batch, so batch size 1 alternates too)."""
+        share = (self.config.max_batch_size + self._batches % 2) // 2
+        if self._continued and (not self._queue or follow_ups < share):
+            return self._continued.popleft()
+        if self._queue:
+            return self._queue.popleft()
+        return None
 
     def _drop_doomed(self, batch: list[_Pending[Q, R]], now: float) -> list[_Pending[Q, R]]:
         """Answers the requests whose deadline falls before this batch could finish (at the recent batch
@@ -253,6 +272,7 @@ class DynamicBatcher(Generic[Q, R]):
                 if not item.continued:
                     self._metrics.queue_latency.observe(start - item.enqueued)
         t0 = time.perf_counter()
+        self._computing_since = start
         try:
             results = await loop.run_in_executor(self._executor, self._compute, queries)
         except Exception:
@@ -260,6 +280,8 @@ class DynamicBatcher(Generic[Q, R]):
             log.exception("batch of %d failed; retrying its requests one at a time", len(batch))
             await self._execute_singly(batch, loop)
             return
+        finally:
+            self._computing_since = None
         elapsed = time.perf_counter() - t0
         # A moving average of batch time, so deadlines are judged against what a batch costs now.
         self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * elapsed if self._batch_seconds else elapsed
@@ -291,4 +313,4 @@ class DynamicBatcher(Generic[Q, R]):
 
     def _observe_depth(self) -> None:
         if self._metrics is not None:
-            self._metrics.queue_depth.set(self._queue.qsize() + len(self._continued))
+            self._metrics.queue_depth.set(len(self._queue) + len(self._continued))

@@ -14,6 +14,7 @@ Example::
 
 from __future__ import annotations
 
+import collections
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,10 +35,31 @@ class History:
         return len(self.items)
 
 
+@dataclass(frozen=True)
+class AppendLimits:
+    """Bounds on the events that AppendEvents adds, held in memory: any caller can write them, so
+    without bounds they grow until the process runs out of memory. At most ``max_users`` x
+    ``max_events`` events (16 bytes each) are held: 160 MiB with the defaults.
+
+    Attributes:
+        max_users: users whose appended events are held; past it the least recently used user (by
+            an append or a read of its history) loses them.
+        max_events: appended events held per user, the most recent (the model sees at most its
+            max_seq_len latest events; older ones only keep their items out of recommendations).
+    """
+
+    max_users: int = 10_000
+    max_events: int = 1_000
+
+    def __post_init__(self) -> None:
+        if self.max_users < 1 or self.max_events < 1:
+            raise ValueError(f"invalid append limits {self}")
+
+
 class Catalogue:
     """Lookups built once from the export's items and users tables."""
 
-    def __init__(self, items: pd.DataFrame, users: pd.DataFrame):
+    def __init__(self, items: pd.DataFrame, users: pd.DataFrame, append_limits: AppendLimits | None = None):
         items = items.sort_values("item_id")
         self.num_items = len(items)
         # Index 0 is the padding row: it has no raw id and is never returned.
@@ -46,11 +68,13 @@ class Catalogue:
         self.titles: list[str] = ["", *("" if pd.isna(t) else str(t) for t in titles)]
         self._dense = {raw: i for i, raw in enumerate(self.raw_ids) if i > 0}
         self._users, self._history_items, self._history_ts, self._offsets = self._index_users(users)
-        self._appended: dict[str, History] = {}  # AppendEvents, per raw user id
+        self.append_limits = append_limits or AppendLimits()
+        # AppendEvents, per raw user id, least recently used first.
+        self._appended: collections.OrderedDict[str, History] = collections.OrderedDict()
 
     @classmethod
-    def from_artifact(cls, artifact: Artifact) -> Catalogue:
-        return cls(artifact.items, artifact.users)
+    def from_artifact(cls, artifact: Artifact, append_limits: AppendLimits | None = None) -> Catalogue:
+        return cls(artifact.items, artifact.users, append_limits)
 
     @property
     def num_users(self) -> int:
@@ -69,6 +93,8 @@ class Catalogue:
         """The history of a known user (the export's, then appended events), None for an unknown one."""
         row = self._users.get(raw_user)
         appended = self._appended.get(raw_user)
+        if appended is not None:
+            self._appended.move_to_end(raw_user)
         if row is None:
             return appended
         start, end = self._offsets[row], self._offsets[row + 1]
@@ -78,16 +104,22 @@ class Catalogue:
         return History(np.concatenate([stored.items, appended.items]),
                        np.concatenate([stored.timestamps, appended.timestamps]))
 
-    def append_events(self, raw_user: str, items: np.ndarray, timestamps: np.ndarray, keep: int = 10_000) -> int:
+    def append_events(self, raw_user: str, items: np.ndarray, timestamps: np.ndarray) -> int:
         """Adds validated events (dense ids, seconds; oldest first, not older than the user's last) to a
-        user's history and returns its new length. At most the last ``keep`` appended events are held
-        per user (older ones drop out of the history, and so out of the excluded items). Held in
-        memory: a restart forgets them."""
-        old = self._appended.get(raw_user)
+        user's history and returns its new length. Within ``append_limits``: the user's most recent
+        ``max_events`` appended events are held (older ones drop out of the history, and so out of the
+        excluded items), and the least recently used users beyond ``max_users`` lose theirs (a user
+        the export knows falls back to its stored history, another becomes unknown). Held in memory:
+        a restart forgets them."""
+        keep = self.append_limits.max_events
+        old = self._appended.pop(raw_user, None)
         if old is not None:
             items, timestamps = np.concatenate([old.items, items]), np.concatenate([old.timestamps, timestamps])
         items, timestamps = items[-keep:], timestamps[-keep:]
-        self._appended[raw_user] = History(items.astype(np.int64), timestamps.astype(np.int64))
+        # Copies, so a slice never keeps a larger request array alive.
+        self._appended[raw_user] = History(items.astype(np.int64, copy=True), timestamps.astype(np.int64, copy=True))
+        while len(self._appended) > self.append_limits.max_users:
+            self._appended.popitem(last=False)
         history = self.user_history(raw_user)
         return 0 if history is None else len(history)
 

@@ -22,16 +22,19 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 import numpy as np
 import torch
+from google.protobuf.message import DecodeError, Message
+from google.protobuf.message_factory import GetMessageClass
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -39,7 +42,7 @@ from protos.genrec.v1 import recommender_pb2 as pb
 from protos.genrec.v1 import recommender_pb2_grpc as pb_grpc
 from serving.artifact import load_artifact
 from serving.batcher import BatcherConfig, DeadlineExpired, DynamicBatcher, QueueFull
-from serving.catalogue import Catalogue
+from serving.catalogue import AppendLimits, Catalogue
 from serving.engine import Beam, BeamStep, Decode, Engine, Prefill, Recommendation, Score, Work
 from serving.metrics import Metrics
 from serving.validation import (
@@ -54,6 +57,10 @@ from serving.validation import (
 log = logging.getLogger("serving")
 
 OVERLOADED = "server overloaded: the request queue is full; retry with backoff"
+TOO_MANY_GENERATIONS = "server busy: {} of {} generations in progress; retry with backoff"
+
+STOP_BACKSTOP_S = 5.0
+"""How long after the grace period gRPC's own shutdown timer would cancel what is left (see shutdown)."""
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RecommenderService"].full_name
 """``genrec.v1.RecommenderService``: the health-check and reflection name of the service."""
@@ -71,13 +78,19 @@ class ServerConfig:
         batcher: max batch size, max queue delay, queue bound.
         grace_s: how long in-flight RPCs may take to finish on shutdown.
         max_message_bytes: transport limit of one message (gRPC answers RESOURCE_EXHAUSTED above it);
-            ``max_request_bytes`` is the smaller application limit (INVALID_ARGUMENT above it).
+            ``max_request_bytes`` is the smaller application limit (INVALID_ARGUMENT above it). Each RPC in
+            progress holds at most one such message, raw and parsed: with ``max_concurrent_rpcs``, ~512 MiB
+            at most by default.
         max_request_bytes: largest request ``serving.validation`` accepts.
         keepalive_time_s: ping a connection idle this long, so dead peers are noticed.
         keepalive_timeout_s: drop it when a ping is not answered this fast.
         min_client_ping_interval_s: clients pinging more often than this are told to go away.
         tls_cert, tls_key: PEM files; both set serves TLS, neither serves plaintext.
         max_unrequested_rpcs: RPCs gRPC core may hold before the event loop takes them.
+        max_concurrent_rpcs: RPCs in progress at once (streams and health watches included); one more
+            is refused at arrival with RESOURCE_EXHAUSTED by gRPC itself, before its message is read:
+            what the server holds (memory, event-loop time) stays bounded however many calls arrive. The
+            default leaves room for a full queue, a batch computing and every generation.
         torch_threads: intra-op threads of the model (the event loop needs a core too).
         device: "cpu" or "cuda".
         kv_cache_mb: per-user KV cache (HSTU) of this many MiB; 0 computes every history in full.
@@ -85,6 +98,16 @@ class ServerConfig:
             model step, so a long one is prefilled over several steps beside short requests.
         cuda_graphs: replay decode steps and known users' one-event updates as CUDA graphs (CUDA only;
             eager elsewhere).
+        max_id_chars: longest user_id accepted (it keys server-side state).
+        max_generations: Generate streams in progress at once, a beam search counting as its beam_width
+            (each beam is a sequence extended every step); one more is refused at arrival with
+            RESOURCE_EXHAUSTED. Bounds the generation work of every model step.
+        max_generate_items: most num_items of one Generate.
+        max_beam_work: most beam_width x num_items of one beam search.
+        append_events: serve AppendEvents. It writes server-side state for any user_id and the server
+            authenticates no caller: keep it on only where every caller that can reach the port is
+            trusted to write users' histories (the README's "Trust boundary").
+        max_appended_users, max_appended_events: what AppendEvents may hold (``AppendLimits``).
     """
 
     artifact: Path
@@ -93,7 +116,7 @@ class ServerConfig:
     metrics_port: int | None = None
     batcher: BatcherConfig = field(default_factory=BatcherConfig)
     grace_s: float = 10.0
-    max_message_bytes: int = 4 << 20
+    max_message_bytes: int = 2 << 20
     max_request_bytes: int = 1 << 20
     keepalive_time_s: float = 60.0
     keepalive_timeout_s: float = 20.0
@@ -101,11 +124,19 @@ class ServerConfig:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     max_unrequested_rpcs: int = 10_000
+    max_concurrent_rpcs: int = 128
     torch_threads: int = 1
     device: str = "cpu"
     kv_cache_mb: float = 0.0
     prefill_chunk_tokens: int = 64
     cuda_graphs: bool = False
+    max_id_chars: int = 128
+    max_generations: int = 32
+    max_generate_items: int = 1_000
+    max_beam_work: int = 4_096
+    append_events: bool = True
+    max_appended_users: int = AppendLimits.max_users
+    max_appended_events: int = AppendLimits.max_events
 
     def grpc_options(self) -> list[tuple[str, int]]:
         ms = lambda s: int(s * 1000)
@@ -149,19 +180,22 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
         self.use_cache = False  # Recommend through Prefill + Score work items
         self.use_prefix_states = False  # the model can keep prefix states (HSTU): Generate works
         self.prefill_chunk = 64
+        self.append_events = True
+        self.max_generations = 32
+        self.generations = 0  # generation slots held by Generate streams in progress
         self.in_flight = 0
         self.idle = asyncio.Event()
         self.idle.set()
 
     async def Recommend(self, request: pb.RecommendRequest, context: grpc.aio.ServicerContext
                         ) -> pb.RecommendResponse:
-        async with self._track("Recommend", context):
+        async with self._track("Recommend", context, request):
             rec, _ = await self._recommend(request, context)
             return self._response(rec, 0, len(rec.items))
 
     async def RecommendStream(self, request: pb.RecommendRequest, context: grpc.aio.ServicerContext
                               ) -> AsyncIterator[pb.RecommendResponse]:
-        async with self._track("RecommendStream", context):
+        async with self._track("RecommendStream", context, request):
             rec, query = await self._recommend(request, context)
             # The first chunk leaves as soon as the batch is computed; the rest follow it.
             for start in range(0, max(len(rec.items), 1), query.chunk_size):
@@ -169,45 +203,69 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
 
     async def AppendEvents(self, request: pb.AppendEventsRequest, context: grpc.aio.ServicerContext
                            ) -> pb.AppendEventsResponse:
-        async with self._track("AppendEvents", context):
+        async with self._track("AppendEvents", context, request):
+            if not self.append_events:
+                raise Rejected(grpc.StatusCode.UNIMPLEMENTED, "AppendEvents is disabled on this server")
             catalogue, limits = self._ready()
             with _rejecting():
                 items, stamps = parse_append(request, catalogue, limits)
-            length = catalogue.append_events(request.user_id, items, stamps, keep=limits.max_events)
+            length = catalogue.append_events(request.user_id, items, stamps)
             return pb.AppendEventsResponse(history_length=length)
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
                        ) -> AsyncIterator[pb.GeneratedItem]:
-        async with self._track("Generate", context):
-            catalogue, limits = self._ready()
-            with _rejecting():
-                self.batcher.admit(context.time_remaining())
-                gen = parse_generate(request, catalogue, limits)
-            q = gen.query
-            if not self.use_prefix_states:
-                raise Rejected(grpc.StatusCode.UNIMPLEMENTED, "Generate needs an HSTU model; this one is not")
-            state = await self._prefill(request.context.user_id or None, q, context)
-            banned, stamp = q.exclude, int(q.timestamps[-1])
-            if gen.beam_width > 0:
-                beams: tuple[Beam, ...] = (Beam(state),)
-                for _ in range(gen.num_items):
-                    beams = await self._submit(BeamStep(beams, banned, gen.beam_width, stamp), context, follow_up=True)
-                for step, (item_id, score) in enumerate(zip(beams[0].items, beams[0].scores, strict=True)):
-                    item = pb.ScoredItem(item_id=catalogue.raw_ids[item_id], score=score,
-                                         title=catalogue.titles[item_id])
-                    yield pb.GeneratedItem(item=item, step=step, model_version=self.version)
-                return
-            generator = torch.Generator().manual_seed(gen.seed) if gen.temperature > 0 else None
-            for step in range(gen.num_items):
-                # One work item per step: other requests and generations share each model step.
-                chosen = await self._submit(Decode(state, banned, gen.temperature, stamp, generator), context,
-                                            follow_up=True)
-                banned, state = np.append(banned, chosen.item), chosen.state
-                item = pb.ScoredItem(item_id=catalogue.raw_ids[chosen.item], score=chosen.score,
-                                     title=catalogue.titles[chosen.item])
+        async with self._track("Generate", context, request):
+            with self._generation_slots(request.beam_width):
+                async with contextlib.aclosing(self._generate(request, context)) as items:
+                    async for item in items:
+                        yield item
+
+    async def _generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+                        ) -> AsyncIterator[pb.GeneratedItem]:
+        catalogue, limits = self._ready()
+        with _rejecting():
+            self.batcher.admit(context.time_remaining())
+            gen = parse_generate(request, catalogue, limits)
+        q = gen.query
+        if not self.use_prefix_states:
+            raise Rejected(grpc.StatusCode.UNIMPLEMENTED, "Generate needs an HSTU model; this one is not")
+        state = await self._prefill(request.context.user_id or None, q, context)
+        banned, stamp = q.exclude, int(q.timestamps[-1])
+        if gen.beam_width > 0:
+            beams: tuple[Beam, ...] = (Beam(state),)
+            for _ in range(gen.num_items):
+                beams = await self._submit(BeamStep(beams, banned, gen.beam_width, stamp), context, follow_up=True)
+            for step, (item_id, score) in enumerate(zip(beams[0].items, beams[0].scores, strict=True)):
+                item = pb.ScoredItem(item_id=catalogue.raw_ids[item_id], score=score, title=catalogue.titles[item_id])
                 yield pb.GeneratedItem(item=item, step=step, model_version=self.version)
+            return
+        generator = torch.Generator().manual_seed(gen.seed) if gen.temperature > 0 else None
+        for step in range(gen.num_items):
+            # One work item per step: other requests and generations share each model step.
+            chosen = await self._submit(Decode(state, banned, gen.temperature, stamp, generator), context,
+                                        follow_up=True)
+            banned, state = np.append(banned, chosen.item), chosen.state
+            item = pb.ScoredItem(item_id=catalogue.raw_ids[chosen.item], score=chosen.score,
+                                 title=catalogue.titles[chosen.item])
+            yield pb.GeneratedItem(item=item, step=step, model_version=self.version)
 
     # --- shared steps -------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _generation_slots(self, beam_width: int) -> Iterator[None]:
+        """Holds a Generate's slots of the ``max_generations`` (one, or its beam_width, at most all of
+        them: such a beam runs alone), or refuses it at arrival, before any parsing, when they are
+        taken: every slot adds a sequence to every model step, and without a bound enough generations
+        crowd out every other request."""
+        n = min(max(1, beam_width), self.max_generations)
+        if self.generations + n > self.max_generations:
+            busy = TOO_MANY_GENERATIONS.format(self.generations, self.max_generations)
+            raise Rejected(grpc.StatusCode.RESOURCE_EXHAUSTED, busy)
+        self.generations += n
+        try:
+            yield
+        finally:
+            self.generations -= n
+
     def _ready(self) -> tuple[Catalogue, RequestLimits]:
         if self.batcher is None or self.catalogue is None or self.limits is None:
             raise Rejected(grpc.StatusCode.UNAVAILABLE, "the model is still loading")
@@ -247,18 +305,22 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
                                     history_length=rec.history_length)
 
     @contextlib.asynccontextmanager
-    async def _track(self, method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+    async def _track(self, method: str, context: grpc.aio.ServicerContext, request: object) -> AsyncIterator[None]:
         """Per-RPC bookkeeping: the in-flight count (graceful shutdown waits for it), status and
-        latency metrics, and ``Rejected`` turned into the RPC's status."""
+        latency metrics, ``Rejected`` turned into the RPC's status, and a request whose bytes did not
+        decode (``Undecodable``) answered INVALID_ARGUMENT."""
         code = grpc.StatusCode.OK
         start = time.perf_counter()
         self.in_flight += 1
         self.idle.clear()
         try:
+            if isinstance(request, Undecodable):
+                log.warning("%s: %s from %s", method, request, context.peer())
+                raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, f"request: {request}")
             yield
         except Rejected as e:
             code = e.code
-            await context.abort(e.code, e.message)  # raises; the status goes to the client
+            await _abort(context, e.code, e.message)
         except (asyncio.CancelledError, GeneratorExit):
             # gRPC cancels the handler when the client goes away or its deadline passes.
             remaining = context.time_remaining()
@@ -268,13 +330,62 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
         except Exception:
             log.exception("%s failed", method)
             code = grpc.StatusCode.INTERNAL
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
+            await _abort(context, grpc.StatusCode.INTERNAL, "internal error; see the server log")
         finally:
             self.metrics.requests.labels(method=method, code=code.name).inc()
             self.metrics.request_latency.labels(method=method).observe(time.perf_counter() - start)
             self.in_flight -= 1
             if self.in_flight == 0:
                 self.idle.set()
+
+
+async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> None:
+    """``context.abort``: sends the status to the client and raises AbortError, which ends the handler.
+    If gRPC has ended the RPC already (its deadline passed while the refusal was on its way, as under
+    overload), sending fails with ExecuteBatchError (an InternalError), which gRPC would log as a
+    traceback; the handler then ends as gRPC's own cancellation ends it (CancelledError)."""
+    try:
+        await context.abort(code, message)
+    except grpc.aio.InternalError:
+        raise asyncio.CancelledError from None
+
+
+@dataclass(frozen=True)
+class Undecodable:
+    """A request whose bytes are not a message of its method's type."""
+
+    type_name: str
+    size: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"not a {self.type_name} message ({self.size} bytes: {self.reason.rsplit(': ', 1)[-1]})"
+
+
+def _decoder(message: type[Message]) -> Callable[[bytes], Message | Undecodable]:
+    """The request deserializer of a method. gRPC runs it before the handler and turns an exception
+    there into UNKNOWN and a logged traceback, so bytes that do not decode are handed to the handler
+    as ``Undecodable`` instead, and answered INVALID_ARGUMENT there."""
+    def decode(data: bytes) -> Message | Undecodable:
+        try:
+            return message.FromString(data)
+        except DecodeError as e:
+            return Undecodable(message.DESCRIPTOR.full_name, len(data), str(e))
+
+    return decode
+
+
+def add_servicer(servicer: RecommenderServicer, server: grpc.aio.Server) -> None:
+    """Registers ``servicer``'s methods as the generated ``add_RecommenderServiceServicer_to_server``
+    does, but with request deserializers that do not raise (``_decoder``)."""
+    handlers = {}
+    for method in pb.DESCRIPTOR.services_by_name["RecommenderService"].methods:
+        request, response = (GetMessageClass(t) for t in (method.input_type, method.output_type))
+        make = grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
+        handlers[method.name] = make(getattr(servicer, method.name), request_deserializer=_decoder(request),
+                                     response_serializer=response.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
 @contextlib.contextmanager
@@ -311,8 +422,8 @@ class RecommenderServer:
         cfg = self.config
         torch.set_num_threads(cfg.torch_threads)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        server = grpc.aio.server(options=cfg.grpc_options())
-        pb_grpc.add_RecommenderServiceServicer_to_server(self._servicer, server)
+        server = grpc.aio.server(options=cfg.grpc_options(), maximum_concurrent_rpcs=cfg.max_concurrent_rpcs)
+        add_servicer(self._servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
@@ -355,7 +466,8 @@ class RecommenderServer:
             engine = Engine(artifact, cfg.device, kv_cache_bytes=int(cfg.kv_cache_mb * (1 << 20)),
                             metrics=self.metrics, cuda_graphs=cfg.cuda_graphs)
             engine.warm_up(cfg.batcher.max_batch_size)
-            return engine, Catalogue.from_artifact(artifact)
+            return engine, Catalogue.from_artifact(artifact, AppendLimits(cfg.max_appended_users,
+                                                                          cfg.max_appended_events))
 
         self.engine, catalogue = await asyncio.to_thread(load)
         batcher: DynamicBatcher[Work, object] = DynamicBatcher(self._compute, cfg.batcher, self.metrics)
@@ -364,7 +476,10 @@ class RecommenderServer:
         s.catalogue, s.batcher, s.version = catalogue, batcher, self.engine.version
         s.use_cache, s.prefill_chunk = self.engine.cache is not None, cfg.prefill_chunk_tokens
         s.use_prefix_states = self.engine.incremental
-        s.limits = RequestLimits(max_len=self.engine.max_len, max_request_bytes=cfg.max_request_bytes)
+        s.max_generations, s.append_events = cfg.max_generations, cfg.append_events
+        s.limits = RequestLimits(max_len=self.engine.max_len, max_request_bytes=cfg.max_request_bytes,
+                                 max_id_chars=cfg.max_id_chars, max_generate_items=cfg.max_generate_items,
+                                 max_beam_work=cfg.max_beam_work)
 
     def _compute(self, queries: Sequence[Work]) -> list:
         # Looked up per call, so a test can wrap ``server.engine.compute``.
@@ -381,7 +496,10 @@ class RecommenderServer:
         log.info("shutting down: NOT_SERVING, %d RPCs in flight, grace %.1fs", self._servicer.in_flight, grace)
         await self._health.enter_graceful_shutdown()
         if self._server is not None:
-            stopping = asyncio.create_task(self._server.stop(grace))
+            # Refuses new RPCs at once. Its own grace timer is only a backstop, set past ours: two stops
+            # that overlap can make grpcio (1.85) cancel the calls of a server it has just destroyed
+            # (a segfault), when its timer fires as the stop(None) below completes.
+            stopping = asyncio.create_task(self._server.stop(grace + STOP_BACKSTOP_S))
             # Recommend RPCs end by themselves; health Watch streams never do, so once the former are
             # done (or the grace is over) the rest are cancelled rather than waited for.
             try:
@@ -418,6 +536,8 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerConfig:
     p.add_argument("--grace-s", type=float, default=d.grace_s, help="shutdown grace period")
     p.add_argument("--max-message-bytes", type=int, default=d.max_message_bytes)
     p.add_argument("--max-request-bytes", type=int, default=d.max_request_bytes)
+    p.add_argument("--max-concurrent-rpcs", type=int, default=d.max_concurrent_rpcs,
+                   help="RPCs in progress at once; more are refused at arrival (RESOURCE_EXHAUSTED)")
     p.add_argument("--keepalive-time-s", type=float, default=d.keepalive_time_s)
     p.add_argument("--keepalive-timeout-s", type=float, default=d.keepalive_timeout_s)
     p.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate chain (with --tls-key)")
@@ -428,14 +548,31 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerConfig:
     p.add_argument("--prefill-chunk-tokens", type=int, default=d.prefill_chunk_tokens)
     p.add_argument("--cuda-graphs", action="store_true",
                    help="replay decode steps and known users' one-event updates as CUDA graphs (CUDA only)")
+    p.add_argument("--no-append-events", dest="append_events", action="store_false",
+                   help="refuse AppendEvents (UNIMPLEMENTED): for a port that callers who may not write users' "
+                        "histories can reach")
+    p.add_argument("--max-appended-users", type=int, default=d.max_appended_users,
+                   help="users whose appended events are held (least recently used dropped first)")
+    p.add_argument("--max-appended-events", type=int, default=d.max_appended_events,
+                   help="appended events held per user (the most recent)")
+    p.add_argument("--max-id-chars", type=int, default=d.max_id_chars, help="longest user_id accepted")
+    p.add_argument("--max-generations", type=int, default=d.max_generations,
+                   help="Generate streams at once (a beam search counts as its beam_width); more are refused")
+    p.add_argument("--max-generate-items", type=int, default=d.max_generate_items, help="most num_items of a Generate")
+    p.add_argument("--max-beam-work", type=int, default=d.max_beam_work,
+                   help="most beam_width x num_items of a beam search")
     a = p.parse_args(argv)
     return ServerConfig(
         artifact=a.artifact, host=a.host, port=a.port, metrics_port=a.metrics_port,
         batcher=BatcherConfig(a.max_batch_size, a.max_queue_delay_ms, a.max_queue_size),
         grace_s=a.grace_s, max_message_bytes=a.max_message_bytes, max_request_bytes=a.max_request_bytes,
+        max_concurrent_rpcs=a.max_concurrent_rpcs,
         keepalive_time_s=a.keepalive_time_s, keepalive_timeout_s=a.keepalive_timeout_s,
         tls_cert=a.tls_cert, tls_key=a.tls_key, torch_threads=a.torch_threads, device=a.device,
         kv_cache_mb=a.kv_cache_mb, prefill_chunk_tokens=a.prefill_chunk_tokens, cuda_graphs=a.cuda_graphs,
+        max_id_chars=a.max_id_chars, max_generations=a.max_generations, max_generate_items=a.max_generate_items,
+        max_beam_work=a.max_beam_work, append_events=a.append_events, max_appended_users=a.max_appended_users,
+        max_appended_events=a.max_appended_events,
     )
 
 
@@ -461,5 +598,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def exit_now(code: int) -> None:
+    """Ends the process once the server has stopped, without the interpreter's teardown: the static
+    destructors of torch and fbgemm (torchrec) alone take 1-3 s on a busy 2-core machine, time that
+    would count against the deadline an orchestrator sets after SIGTERM (the grace period + 2 s
+    here). Nothing is left to finalise: every RPC has ended and the logs are flushed here."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

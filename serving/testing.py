@@ -1,4 +1,5 @@
-"""Helpers for tests and benchmarks: a random-weight export of any size, and a server on a thread.
+"""Helpers for tests and benchmarks: a random-weight export of any size, a server on a thread, and a
+gate that holds its model thread.
 
 Example::
 
@@ -76,6 +77,28 @@ def make_random_artifact(
         metadata={"version": f"random-{num_items}x{config.embedding_dim}-seed{seed}", "metrics": {}},
     )
     return model, path
+
+
+class Gate:
+    """Holds every batch at the model thread until ``open``; records the history lengths computed.
+    Makes queue-full, deadline and overload cases of a ``ServerThread`` deterministic."""
+
+    def __init__(self, server: ServerThread):
+        self.engine = server.server.engine
+        self.real = self.engine.compute
+        self.opened = threading.Event()
+        self.entered = threading.Event()
+        self.computed: list[int] = []
+        self.engine.compute = self.compute
+
+    def compute(self, queries):
+        self.entered.set()
+        assert self.opened.wait(20), "the test never opened the gate"
+        self.computed.extend(len(q.items) for q in queries)
+        return self.real(queries)
+
+    def open(self):
+        self.opened.set()
 
 
 class ServerThread:

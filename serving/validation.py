@@ -10,6 +10,9 @@ Policy, chosen once here:
   appended. Longer than the model's ``max_len``: the most recent ``max_len`` events are used, the
   same truncation as training; beyond ``max_events`` the request is rejected as oversized.
 - timestamps: finite, >= 0 and below 2**53 seconds, non-decreasing (ties allowed).
+- user ids: at most ``max_id_chars`` characters. An error message quotes client input cut to
+  ``ECHO_CHARS`` characters: a message travels as gRPC metadata, whose size is limited, and must not
+  grow with what the client sent.
 - retrieval never returns the padding row, the history's items (all of them, not only the
   truncated window) or ``exclude_item_ids``. Ranking scores the candidates minus ``exclude_item_ids``.
 
@@ -32,6 +35,9 @@ from serving.catalogue import Catalogue
 MAX_TIMESTAMP = float(2**53)
 """Doubles hold every whole second exactly below this; beyond it a timestamp is not a time."""
 
+ECHO_CHARS = 100
+"""The most characters of one client-supplied string that an error message quotes."""
+
 
 class InvalidRequest(ValueError):
     """A request the server refuses; ``field`` is the proto path of the offending field."""
@@ -43,13 +49,23 @@ class InvalidRequest(ValueError):
 
 @dataclass(frozen=True)
 class RequestLimits:
-    """Bounds on one request. ``max_len`` comes from the model; the others stop oversized input."""
+    """Bounds on one request. ``max_len`` comes from the model; the others stop oversized input.
+
+    Attributes:
+        max_id_chars: longest user_id (a key of server-side state: the KV cache, appended events).
+        max_generate_items: most items one Generate may ask for (each is a model step).
+        max_beam_work: most beam_width x num_items of one beam search: the sequences it extends in all
+            (a step of width w costs about w greedy steps).
+    """
 
     max_len: int
     max_request_bytes: int = 1 << 20
     max_events: int = 10_000
     max_item_list: int = 10_000
     default_chunk_size: int = 10
+    max_id_chars: int = 128
+    max_generate_items: int = 1_000
+    max_beam_work: int = 4_096
 
 
 @dataclass(frozen=True)
@@ -104,6 +120,18 @@ def parse_request(request: pb.RecommendRequest, catalogue: Catalogue, limits: Re
     )
 
 
+def _shown(text: str) -> str:
+    """``text`` quoted for an error message, cut to ``ECHO_CHARS`` characters."""
+    if len(text) <= ECHO_CHARS:
+        return repr(text)
+    return f"{text[:ECHO_CHARS]!r}... ({len(text)} characters)"
+
+
+def _check_user_id(user_id: str, limits: RequestLimits) -> None:
+    if len(user_id) > limits.max_id_chars:
+        raise InvalidRequest("user_id", f"{_shown(user_id)} is longer than the limit of {limits.max_id_chars}")
+
+
 def _check_top_k(top_k: int, num_items: int) -> int:
     if top_k <= 0:
         raise InvalidRequest("top_k", f"must be >= 1, got {top_k}")
@@ -116,6 +144,7 @@ def _history(request: pb.RecommendRequest, catalogue: Catalogue, limits: Request
              ) -> tuple[np.ndarray, np.ndarray]:
     """The full history (stored + request events) as dense ids and int64 seconds."""
     events = request.history
+    _check_user_id(request.user_id, limits)
     if len(events) > limits.max_events:
         raise InvalidRequest("history", f"{len(events)} events exceed the limit of {limits.max_events}")
     stored = catalogue.user_history(request.user_id) if request.user_id else None
@@ -123,14 +152,14 @@ def _history(request: pb.RecommendRequest, catalogue: Catalogue, limits: Request
         if stored is not None:
             return stored.items, stored.timestamps
         if request.user_id:
-            raise InvalidRequest("user_id", f"unknown user {request.user_id!r} and no history given")
+            raise InvalidRequest("user_id", f"unknown user {_shown(request.user_id)} and no history given")
         raise InvalidRequest("history", "empty, and no user_id given")
 
     raw = [e.item_id for e in events]
     items = catalogue.dense_ids(raw)
     if not items.all():
         i = int(np.argmin(items))
-        what = "is empty" if not raw[i] else f"unknown item {raw[i]!r}"
+        what = "is empty" if not raw[i] else f"unknown item {_shown(raw[i])}"
         raise InvalidRequest(f"history[{i}].item_id", what)
 
     seconds = np.fromiter((e.timestamp for e in events), dtype=np.float64, count=len(events))
@@ -149,7 +178,7 @@ def _history(request: pb.RecommendRequest, catalogue: Catalogue, limits: Request
     if stored is None or len(stored) == 0:
         return items, stamps
     if stamps[0] < stored.timestamps[-1]:
-        raise InvalidRequest("history[0].timestamp", f"{stamps[0]} is earlier than user {request.user_id!r}'s "
+        raise InvalidRequest("history[0].timestamp", f"{stamps[0]} is earlier than user {_shown(request.user_id)}'s "
                              f"last known event ({stored.timestamps[-1]}); send only newer events")
     return np.concatenate([stored.items, items]), np.concatenate([stored.timestamps, stamps])
 
@@ -160,7 +189,7 @@ def _item_list(raw: list[str], field: str, catalogue: Catalogue, limits: Request
     ids = catalogue.dense_ids(list(raw))
     if not ids.all():
         i = int(np.argmin(ids))
-        raise InvalidRequest(f"{field}[{i}]", "is empty" if not raw[i] else f"unknown item {raw[i]!r}")
+        raise InvalidRequest(f"{field}[{i}]", "is empty" if not raw[i] else f"unknown item {_shown(raw[i])}")
     return ids
 
 
@@ -173,6 +202,7 @@ def parse_append(request: pb.AppendEventsRequest, catalogue: Catalogue, limits: 
         raise InvalidRequest("request", f"{size} bytes exceeds the limit of {limits.max_request_bytes}")
     if not request.user_id:
         raise InvalidRequest("user_id", "required: events belong to a user")
+    _check_user_id(request.user_id, limits)
     if len(request.events) == 0:
         raise InvalidRequest("events", "empty; send at least one event")
     stored = catalogue.user_history(request.user_id)
@@ -218,6 +248,9 @@ def parse_generate(request: pb.GenerateRequest, catalogue: Catalogue, limits: Re
     if not 1 <= request.num_items <= available:
         raise InvalidRequest("num_items", f"must be in [1, {available}] (the catalogue minus history and "
                              f"exclusions), got {request.num_items}")
+    if request.num_items > limits.max_generate_items:
+        raise InvalidRequest("num_items", f"{request.num_items} exceeds the server's limit of "
+                             f"{limits.max_generate_items}")
     t = request.temperature
     if not (np.isfinite(t) and (t == 0 or MIN_TEMPERATURE <= t <= MAX_TEMPERATURE)):
         raise InvalidRequest("temperature",
@@ -227,4 +260,7 @@ def parse_generate(request: pb.GenerateRequest, catalogue: Catalogue, limits: Re
         raise InvalidRequest("beam_width", f"must be in [0, {MAX_BEAM_WIDTH}] (0: no beam search), got {width}")
     if width > 0 and t > 0:
         raise InvalidRequest("beam_width", "beam search is deterministic: use it with temperature 0")
+    if width * request.num_items > limits.max_beam_work:
+        raise InvalidRequest("beam_width", f"beam_width x num_items = {width * request.num_items} exceeds the "
+                             f"server's limit of {limits.max_beam_work}")
     return Generation(query, request.num_items, float(t), int(request.seed), width)

@@ -1,7 +1,7 @@
 """Dynamic batching, back-pressure, deadlines and graceful shutdown, against a real server.
 
-A ``Gate`` wraps the engine so a test can hold the model thread busy for as long as it needs, which
-makes queue-full and deadline cases deterministic instead of timing-dependent.
+A ``Gate`` (``serving.testing``) wraps the engine so a test can hold the model thread busy for as long as
+it needs, which makes queue-full and deadline cases deterministic instead of timing-dependent.
 """
 
 from __future__ import annotations
@@ -22,30 +22,9 @@ from protos.genrec.v1 import recommender_pb2_grpc as pb_grpc
 from serving import server as server_module
 from serving.batcher import BatcherConfig, DeadlineExpired, DynamicBatcher, QueueFull
 from serving.server import SERVICE_NAME, ServerConfig
-from serving.testing import ServerThread, make_random_artifact, raw_item_id
+from serving.testing import Gate, ServerThread, make_random_artifact, raw_item_id
 
 NUM_ITEMS = 40
-
-
-class Gate:
-    """Holds every batch at the model thread until ``open``; records the history lengths computed."""
-
-    def __init__(self, server: ServerThread):
-        self.engine = server.server.engine
-        self.real = self.engine.compute
-        self.opened = threading.Event()
-        self.entered = threading.Event()
-        self.computed: list[int] = []
-        self.engine.compute = self.compute
-
-    def compute(self, queries):
-        self.entered.set()
-        assert self.opened.wait(20), "the test never opened the gate"
-        self.computed.extend(len(q.items) for q in queries)
-        return self.real(queries)
-
-    def open(self):
-        self.opened.set()
 
 
 @pytest.fixture(scope="module")
@@ -377,3 +356,67 @@ def test_close_answers_the_callers_of_the_batch_in_flight():
             await asyncio.wait_for(computing, timeout=1)
 
     asyncio.run(main())
+
+
+# --- issue #20: generations must neither block shutdown nor starve other requests ----------------
+def steps_forever(batcher: DynamicBatcher, stop: asyncio.Event) -> asyncio.Task:
+    """A generation: one follow-up step after another until ``stop``, as ``Generate`` submits them."""
+    async def run() -> None:
+        while not stop.is_set():
+            await batcher.submit("step", follow_up=True)
+
+    return asyncio.create_task(run())
+
+
+def test_close_with_generation_steps_queued_cancels_them_and_returns():
+    """Issue #20, 1: close() met the wake-up placeholders that generation steps left in the queue,
+    raised AttributeError and never finished, so SIGTERM hung while Generate streams were active."""
+    def compute(items):
+        time.sleep(0.002)
+        return list(items)
+
+    async def main():
+        b = DynamicBatcher(compute, BatcherConfig(max_batch_size=2, max_queue_delay_ms=0))
+        await b.start()
+        stop = asyncio.Event()
+        generations = [steps_forever(b, stop) for _ in range(8)]  # more than a batch holds
+        await asyncio.sleep(0.2)
+        await asyncio.wait_for(b.close(), timeout=2)
+        done, _ = await asyncio.wait(generations, timeout=2)
+        return [t.cancelled() or isinstance(t.exception(), asyncio.CancelledError) for t in done], len(generations)
+
+    ended, total = asyncio.run(asyncio.wait_for(main(), timeout=10))
+    assert len(ended) == total and all(ended)
+
+
+def test_generation_steps_neither_fill_the_queue_nor_starve_new_requests():
+    """Issue #20, 2: with more generations in flight than a batch holds, their steps filled every
+    batch and their wake-up placeholders counted toward max_queue_size, so new requests were refused
+    (QueueFull) or waited forever. Now a new request is admitted and computed within a few batches."""
+    batches: list[list] = []
+
+    def compute(items):
+        time.sleep(0.002)
+        batches.append(list(items))
+        return list(items)
+
+    async def main():
+        b = DynamicBatcher(compute, BatcherConfig(max_batch_size=4, max_queue_delay_ms=0, max_queue_size=4))
+        await b.start()
+        stop = asyncio.Event()
+        generations = [steps_forever(b, stop) for _ in range(12)]
+        await asyncio.sleep(0.2)
+        answers = []
+        for i in range(10):
+            b.admit(1.0)  # raises QueueFull if the steps took the queue's room
+            answers.append(await asyncio.wait_for(b.submit(f"request {i}", timeout=1.0), timeout=1.0))
+        stop.set()
+        await asyncio.gather(*generations)
+        await b.close()
+        return answers
+
+    answers = asyncio.run(asyncio.wait_for(main(), timeout=20))
+    assert answers == [f"request {i}" for i in range(10)]
+    # Every batch that took a request still advanced generations: neither kind waits for the other.
+    mixed = [batch for batch in batches if any(x != "step" for x in batch)]
+    assert mixed and all("step" in batch for batch in mixed)

@@ -9,6 +9,8 @@ import signal
 import subprocess
 import sys
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -29,10 +31,11 @@ def artifact(tmp_path_factory):
     return make_random_artifact(tmp_path_factory.mktemp("art") / "export", num_items=30, num_users=3)[1]
 
 
-def start_process(artifact: Path) -> tuple[subprocess.Popen, int, list[str]]:
+def start_process(artifact: Path, *flags: str, grace_s: float = 5) -> tuple[subprocess.Popen, int, list[str]]:
     """Starts ``python -m serving.server`` on a free port; returns once its log says SERVING."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "serving.server", "--artifact", str(artifact), "--port", "0", "--grace-s", "5"],
+        [sys.executable, "-m", "serving.server", "--artifact", str(artifact), "--port", "0", "--grace-s", str(grace_s),
+         *flags],
         cwd=ROOT, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     log: list[str] = []
@@ -108,3 +111,39 @@ def test_tls(artifact, tmp_path):
         with grpc.insecure_channel(server.address) as channel, pytest.raises(grpc.RpcError) as info:
             pb_grpc.RecommenderServiceStub(channel).Recommend(pb.RecommendRequest(user_id="1", top_k=2), timeout=5)
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_sigterm_with_active_generations_exits_within_the_grace_period(tmp_path):
+    """Issue #20, 1: with Generate streams active, SIGTERM never finished. Now the streams get the
+    grace period, are cancelled, and the process exits 0 within the grace period + 2 s.
+    (benchmarks.serve --suite shutdown measures the same with 100 generations on an ML-1M-sized model.)"""
+    grace = 1.0
+    _, path = make_random_artifact(tmp_path / "export", num_items=3000, num_users=2, history_len=(5, 5))
+    proc, port, log = start_process(path, "--max-batch-size", "4", "--max-generations", "16",
+                                    "--max-generate-items", "2900", grace_s=grace)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel, ThreadPoolExecutor(8) as pool:
+            stub = pb_grpc.RecommenderServiceStub(channel)
+            request = pb.GenerateRequest(context=pb.RecommendRequest(user_id="1"), num_items=2900)
+            streams = [stub.Generate(request, timeout=60) for _ in range(8)]
+            assert all(next(s).step == 0 for s in streams)  # all eight are generating
+
+            def drain(stream) -> str:
+                try:
+                    return f"OK after {sum(1 for _ in stream) + 1} items"
+                except grpc.RpcError as e:
+                    return e.code().name
+
+            ended = [pool.submit(drain, s) for s in streams]
+            time.sleep(0.5)
+            proc.send_signal(signal.SIGTERM)
+            started = time.monotonic()
+            assert proc.wait(timeout=grace + 2) == 0
+            assert time.monotonic() - started < grace + 2
+            # Cut short by the shutdown (none of them could have finished 2900 steps meanwhile).
+            assert {f.result(timeout=10) for f in ended} <= {"CANCELLED", "UNAVAILABLE"}
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    rest = proc.stderr.read()
+    assert "stopped" in rest and "Traceback" not in rest, "".join(log) + rest
