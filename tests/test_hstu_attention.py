@@ -29,7 +29,7 @@ if not INTERPRET and not HAS_CUDA:
 from models.ops import hstu_attention_triton as hat  # noqa: E402
 from models.ops.hstu_attention import hstu_attention  # noqa: E402
 from models.ops.hstu_attention_reference import hstu_attention_reference  # noqa: E402
-from models.ops.relative_bias import RelativeBias, time_gap_bucket  # noqa: E402
+from models.ops.relative_bias import RelativeBias, bucket_thresholds, time_gap_bucket  # noqa: E402
 
 DEVICE = "cpu" if INTERPRET else "cuda"
 needs_interpreter = pytest.mark.skipif(not INTERPRET, reason="interpreter (fp32, CPU) case; GPU cases are -m gpu")
@@ -170,7 +170,7 @@ def test_unsorted_and_huge_timestamps():
 def test_time_buckets_exact_at_thresholds():
     """Gaps exactly at and just below each bucket threshold must land in the reference's bucket: the
     kernel's fp32 log estimate is corrected by an integer comparison."""
-    thresh = hat._bucket_thresholds_cpu(0.301, 128)
+    thresh = bucket_thresholds(0.301, 128)
     gaps = torch.cat([thresh[1:40], thresh[1:40] - 1, torch.tensor([0, 1, 2, 3])])
     n = gaps.numel() + 1
     ts = torch.cat([torch.zeros(1, dtype=torch.int64), gaps.cumsum(0)])  # consecutive gaps = the thresholds

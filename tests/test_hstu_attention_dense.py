@@ -9,7 +9,7 @@ import torch
 
 from models.ops.hstu_attention_dense import hstu_attention_dense
 from models.ops.hstu_attention_reference import hstu_attention_reference
-from models.ops.relative_bias import RelativeBias
+from models.ops.relative_bias import RelativeBias, bucket_thresholds, gap_buckets, time_gap_bucket
 
 RTOL = 1e-5
 
@@ -63,3 +63,12 @@ def test_too_long_a_sequence_is_refused() -> None:
     q = torch.randn(5, 1, 4)
     with pytest.raises(ValueError, match="exceeds max_seq_len"):
         hstu_attention_dense(q, q, q, torch.tensor([0, 5]), max_seq_len=4, alpha=1.0)
+
+
+def test_the_integer_bucket_search_equals_the_float64_definition() -> None:
+    g = torch.Generator().manual_seed(0)
+    thresholds = bucket_thresholds(0.301, 128)[1:129]
+    thresholds = thresholds[thresholds < 2**40]  # beyond, float64's ln itself cannot tell neighbours apart
+    gaps = torch.cat([torch.arange(-50, 50), thresholds, thresholds - 1, thresholds + 1, -thresholds,
+                      torch.randint(-(2**40), 2**40, (20000,), generator=g)])
+    assert torch.equal(gap_buckets(gaps, 0.301, 128), time_gap_bucket(gaps, 0.301, 128))

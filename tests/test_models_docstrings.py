@@ -8,7 +8,8 @@ import importlib
 import pytest
 
 MODULES = [*(f"models.{name}" for name in ("config", "embeddings", "hstu", "jagged", "loss", "metrics", "recommender",
-                                              "sasrec", "ops.hstu_attention_dense")), "training.optimizers"]
+                                              "sasrec", "ops.hstu_attention_dense", "ops.per_batch")),
+           "training.optimizers"]
 
 
 @pytest.mark.parametrize("name", MODULES)

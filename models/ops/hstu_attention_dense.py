@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from models import jagged
-from models.ops.relative_bias import RelativeBias
+from models.ops.per_batch import cached
+from models.ops.relative_bias import RelativeBias, gap_buckets
 
 
 def hstu_attention_dense(
@@ -61,8 +62,12 @@ def _bias(rab: RelativeBias, seq_offsets: torch.Tensor, n: int, max_seq_len: int
                          f"{2 * max_seq_len - 1}")
     idx = torch.arange(n, device=seq_offsets.device)
     position = rab.pos_weights[idx[None, :] - idx[:, None] + max_seq_len - 1]  # [N, N]
-    ts = jagged.to_padded(rab.timestamps, seq_offsets, n)  # [B, N]
-    time = rab.time_weights[rab.buckets(ts[:, :, None], ts[:, None, :])]  # [B, N, N]
+    def buckets() -> torch.Tensor:  # the same for every layer of the batch
+        ts = jagged.to_padded(rab.timestamps, seq_offsets, n)  # [B, N]
+        return gap_buckets(ts[:, :, None] - ts[:, None, :], rab.time_bucket_scale, rab.num_time_buckets)
+
+    key = (n, rab.time_bucket_scale, rab.num_time_buckets)
+    time = rab.time_weights[cached("dense-buckets", (rab.timestamps, seq_offsets), key, buckets)]  # [B, N, N]
     return (position + time).float()
 
 

@@ -46,14 +46,14 @@ import contextlib
 import functools
 import math
 import os
-import weakref
 from collections.abc import Iterator
 
 import torch
 import triton
 import triton.language as tl
 
-from models.ops.relative_bias import RelativeBias, time_gap_bucket
+from models.ops.per_batch import cached
+from models.ops.relative_bias import RelativeBias, bucket_thresholds
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -726,46 +726,7 @@ def _new_output(shape, like: torch.Tensor, covered: bool) -> torch.Tensor:
     return torch.empty(shape, dtype=like.dtype, device=like.device)
 
 
-@functools.cache
-def _bucket_thresholds_cpu(scale: float, num_buckets: int) -> torch.Tensor:
-    """int64 [num_buckets + 2]: thresholds[c] = the smallest gap dt >= 1 whose reference bucket
-    (``time_gap_bucket``, float64) is >= c, for c <= num_buckets; int64 max where it does not fit
-    and for c = num_buckets + 1 (so the kernels need no clamp)."""
-    big = torch.iinfo(torch.int64).max
-    out = [1]
-    for c in range(1, num_buckets + 1):
-        guess = math.exp(c * scale)
-        if guess > 2.0**62:
-            out.append(big)
-            continue
-        base = max(int(guess) - 4, 1)
-        cand = torch.arange(base, base + 10, dtype=torch.int64)
-        ok = time_gap_bucket(cand, scale, num_buckets + 1) >= c
-        out.append(int(cand[ok.nonzero()[0, 0]]) if ok.any() else base + 10)
-    out.append(big)  # bucket num_buckets + 1 does not exist: the kernels' estimate c = num_buckets + 1 -> c - 1
-    return torch.tensor(out, dtype=torch.int64)
-
-
 _INT32_MAX = 2**31 - 1
-
-# Host-side facts derived from a device tensor cost a device->host synchronisation, which stalls
-# the launch queue (measured: ~0.9 ms per call at 512K tokens, 20% of the forward kernel's time).
-# Every layer of a model sees the same seq_offsets and timestamps tensors, so the last ones seen
-# are remembered, keyed by identity and in-place version.
-_HOST_CACHE: dict[str, tuple] = {}
-
-
-def _cached(name: str, key_tensors: tuple, extra, compute):
-    if any(t.is_inference() for t in key_tensors):
-        return compute()  # no version counter under inference_mode: an in-place change would go unseen
-    entry = _HOST_CACHE.get(name)
-    stamp = tuple((t.data_ptr(), t._version, t.shape) for t in key_tensors) + (extra,)
-    if entry is not None and all(r() is t for r, t in zip(entry[0], key_tensors, strict=True)) and entry[1] == stamp:
-        return entry[2]
-    value = compute()
-    _HOST_CACHE[name] = (tuple(weakref.ref(t) for t in key_tensors), stamp, value)
-    return value
-
 
 def _offsets_on_host(seq_offsets: torch.Tensor, L: int, device: torch.device):
     """(offsets on the host, lengths on the host, int64 offsets on ``device``), validated."""
@@ -779,7 +740,7 @@ def _offsets_on_host(seq_offsets: torch.Tensor, L: int, device: torch.device):
             raise ValueError(f"seq_offsets must be non-decreasing within [0, {L}]; got {offs.tolist()[:8]}...")
         return offs, lengths, seq_offsets.detach().to(device=device, dtype=torch.int64).contiguous()
 
-    return _cached("offsets", (seq_offsets,), (L, str(device)), compute)
+    return cached("offsets", (seq_offsets,), (L, str(device)), compute)
 
 
 def _kernel_timestamps(ts: torch.Tensor, L: int, seq_offsets: torch.Tensor, offs: torch.Tensor, lengths: torch.Tensor,
@@ -790,13 +751,13 @@ def _kernel_timestamps(ts: torch.Tensor, L: int, seq_offsets: torch.Tensor, offs
     minimum; when every sequence then spans less than 2^31 - 1 seconds the kernels get int32 (half
     the registers and integer work of int64 in the bias tile), else int64.
     """
-    return _cached("timestamps", (ts, seq_offsets), (L, scale, num_buckets, str(device)),
+    return cached("timestamps", (ts, seq_offsets), (L, scale, num_buckets, str(device)),
                    lambda: _kernel_timestamps_uncached(ts[:L].to(device=device, dtype=torch.int64), offs, lengths,
                                                        scale, num_buckets))
 
 
 def _kernel_timestamps_uncached(ts, offs, lengths, scale, num_buckets):
-    thresh = _bucket_thresholds_cpu(scale, num_buckets)
+    thresh = bucket_thresholds(scale, num_buckets)
     L = ts.numel()
     if L == 0:
         return ts, thresh.to(ts.device)

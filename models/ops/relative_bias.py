@@ -8,6 +8,8 @@ kernel can compute it in place.
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +20,34 @@ def time_gap_bucket(dt: torch.Tensor, scale: float, num_buckets: int) -> torch.T
     time bucket (the Triton kernel derives its exact integer thresholds from this function)."""
     dt = dt.abs().clamp(min=1).double()
     return torch.floor(torch.log(dt) / scale).long().clamp(0, num_buckets)
+
+
+@functools.cache
+def bucket_thresholds(scale: float, num_buckets: int) -> torch.Tensor:
+    """int64 [num_buckets + 2] on the CPU: thresholds[c] = the smallest gap dt >= 1 whose bucket
+    (``time_gap_bucket``) is >= c, for c <= num_buckets; int64 max where it does not fit and for
+    c = num_buckets + 1 (so the Triton kernels need no clamp). With them a bucket is an integer search,
+    exact for gaps below ~2^40 s (beyond, float64's ln cannot separate neighbouring integers)."""
+    big = torch.iinfo(torch.int64).max
+    out = [1]
+    for c in range(1, num_buckets + 1):
+        guess = math.exp(c * scale)
+        if guess > 2.0**62:
+            out.append(big)
+            continue
+        base = max(int(guess) - 4, 1)
+        cand = torch.arange(base, base + 10, dtype=torch.int64)
+        ok = time_gap_bucket(cand, scale, num_buckets + 1) >= c
+        out.append(int(cand[ok.nonzero()[0, 0]]) if ok.any() else base + 10)
+    out.append(big)  # bucket num_buckets + 1 does not exist: the kernels' estimate c = num_buckets + 1 -> c - 1
+    return torch.tensor(out, dtype=torch.int64)
+
+
+def gap_buckets(gaps: torch.Tensor, scale: float, num_buckets: int) -> torch.Tensor:
+    """``time_gap_bucket`` of int64 ``gaps`` by an integer search in ``bucket_thresholds`` (one op
+    instead of float64 abs/log/floor/clamp over every pair)."""
+    thresholds = bucket_thresholds(scale, num_buckets)[1 : num_buckets + 1].to(gaps.device)
+    return torch.bucketize(gaps.abs(), thresholds, right=True)
 
 
 @dataclass
