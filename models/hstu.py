@@ -32,7 +32,7 @@ from torch.utils.checkpoint import checkpoint
 
 from models.config import ModelConfig
 from models.embeddings import InputLayer, l2_normalize
-from models.ops import RelativeBias, hstu_attention
+from models.ops import RelativeBias, hstu_attention, per_batch
 
 LAYER_NORM_EPS = 1e-6
 """GR's HSTU LayerNorm epsilon."""
@@ -121,9 +121,10 @@ class HSTU(nn.Module):
         """item_embeddings [L, d] (table rows, unnormalised), timestamps [L] int64 seconds,
         seq_offsets [B+1] -> [L, d] L2-normalised."""
         x = self.input(item_embeddings, seq_offsets)
-        for block in self.blocks:
-            if self.checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, timestamps, seq_offsets, use_reentrant=False)
-            else:
-                x = block(x, timestamps, seq_offsets)
+        with per_batch.scope():  # what the attention derives from the batch's layout, once for all blocks
+            for block in self.blocks:
+                if self.checkpointing and torch.is_grad_enabled():
+                    x = checkpoint(block, x, timestamps, seq_offsets, use_reentrant=False)
+                else:
+                    x = block(x, timestamps, seq_offsets)
         return l2_normalize(x, self.eps)
