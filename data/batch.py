@@ -55,12 +55,17 @@ class SeqBatch(Pipelineable):
         timestamps: [L] int64 seconds, aligned with the history values.
         lengths: [B] int64 history lengths (>= 1).
         user_ids: [B] int64 dense user index (-1 when unknown).
+        seen_ids, seen_lengths: evaluation batches under ``SeenItems.HISTORY``: each row's whole
+            history before the target (jagged), when it reaches past the window; None otherwise, and
+            then the window (``item_ids``) is what the row has seen.
     """
 
     features: KeyedJaggedTensor
     timestamps: torch.Tensor
     lengths: torch.Tensor
     user_ids: torch.Tensor
+    seen_ids: torch.Tensor | None = None
+    seen_lengths: torch.Tensor | None = None
 
     # --- construction ---------------------------------------------------------------------
     @classmethod
@@ -126,6 +131,12 @@ class SeqBatch(Pipelineable):
         """[P] the shared pool of sampled negatives."""
         return self.features[NEGATIVE_FEATURE].values()
 
+    def seen(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """([S] item ids, [B] lengths): what each row has seen (``seen_ids`` or the window)."""
+        if self.seen_ids is None or self.seen_lengths is None:
+            return self.item_ids(), self.lengths
+        return self.seen_ids, self.seen_lengths
+
     def seq_offsets(self) -> torch.Tensor:
         """[B+1] int64 offsets of each history in the jagged values."""
         return torch.ops.fbgemm.asynchronous_complete_cumsum(self.lengths)
@@ -136,24 +147,35 @@ class SeqBatch(Pipelineable):
 
     # --- Pipelineable -----------------------------------------------------------------------
     def to(self, device: torch.device, non_blocking: bool = False) -> SeqBatch:
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device=device, non_blocking=non_blocking)
+
         return SeqBatch(
             features=self.features.to(device=device, non_blocking=non_blocking),
-            timestamps=self.timestamps.to(device=device, non_blocking=non_blocking),
-            lengths=self.lengths.to(device=device, non_blocking=non_blocking),
-            user_ids=self.user_ids.to(device=device, non_blocking=non_blocking),
+            timestamps=move(self.timestamps),
+            lengths=move(self.lengths),
+            user_ids=move(self.user_ids),
+            seen_ids=move(self.seen_ids),
+            seen_lengths=move(self.seen_lengths),
         )
 
     def record_stream(self, stream: torch.Stream) -> None:
         self.features.record_stream(stream)
-        for t in (self.timestamps, self.lengths, self.user_ids):
-            t.record_stream(stream)
+        for t in (self.timestamps, self.lengths, self.user_ids, self.seen_ids, self.seen_lengths):
+            if t is not None:
+                t.record_stream(stream)
 
     def pin_memory(self) -> SeqBatch:
+        def pin(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.pin_memory()
+
         return SeqBatch(
             features=self.features.pin_memory(),
-            timestamps=self.timestamps.pin_memory(),
-            lengths=self.lengths.pin_memory(),
-            user_ids=self.user_ids.pin_memory(),
+            timestamps=pin(self.timestamps),
+            lengths=pin(self.lengths),
+            user_ids=pin(self.user_ids),
+            seen_ids=pin(self.seen_ids),
+            seen_lengths=pin(self.seen_lengths),
         )
 
 

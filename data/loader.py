@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from data.batch import SeqBatch, make_features
 from data.sequences import UserSequences
-from data.splits import Split, history_bounds
+from data.splits import SeenItems, Split, history_bounds
 
 if TYPE_CHECKING:  # only a type here; importing it would pull in the file readers
     from data.prepare import PreparedDataset
@@ -143,6 +143,7 @@ class SplitDataset(Dataset[SeqBatch]):
         exclude_validation_from_train: bool = False,
         seed: int = 0,
         epoch: int = 0,
+        seen: SeenItems = SeenItems.WINDOW,
     ) -> None:
         if num_negatives < 0 or (num_negatives > 0 and num_items < 1):
             raise ValueError(f"cannot draw {num_negatives} negatives from {num_items} items")
@@ -161,6 +162,8 @@ class SplitDataset(Dataset[SeqBatch]):
         first = sequences.offsets[:-1][eligible]
         self.starts, self.targets = first + start[eligible], first + target[eligible]
         self.skipped = len(sequences) - self.users.size
+        # Under SeenItems.HISTORY an eval row carries its whole history when it reaches past the window.
+        self.firsts = first if self.split.is_eval and SeenItems(seen) is SeenItems.HISTORY else None
 
     def __len__(self) -> int:
         return self.users.size
@@ -173,9 +176,7 @@ class SplitDataset(Dataset[SeqBatch]):
             raise ValueError("padding rows must come last in a batch")
         starts, ends = self.starts[real], self.targets[real]
         lengths = ends - starts
-        # Gather all histories at once: position j of the output comes from starts[row] + offset in row.
-        out_offsets = np.cumsum(lengths) - lengths
-        index = np.repeat(starts - out_offsets, lengths) + np.arange(int(lengths.sum()))
+        index = _ranges(starts, ends)
         items, timestamps = self.sequences.items[index], self.sequences.timestamps[index]
         ratings = self.sequences.ratings[index]
         targets, users = self.sequences.items[ends], self.users[real]
@@ -185,6 +186,11 @@ class SplitDataset(Dataset[SeqBatch]):
             ratings = np.concatenate([ratings, np.full(pad, np.nan, dtype=ratings.dtype)])
             lengths, targets = np.concatenate([lengths, ones]), np.concatenate([targets, zeros])
             users = np.concatenate([users, np.full(pad, PADDING_USER, dtype=np.int64)])
+        seen_ids = seen_lengths = None
+        if self.firsts is not None and (self.starts[real] > self.firsts[real]).any():
+            firsts = self.firsts[real]
+            seen_lengths = np.concatenate([ends - firsts, np.zeros(pad, dtype=np.int64)])
+            seen_ids = self.sequences.items[_ranges(firsts, ends)]
         lengths_t = torch.from_numpy(lengths)
         return SeqBatch(
             features=make_features(
@@ -197,6 +203,8 @@ class SplitDataset(Dataset[SeqBatch]):
             timestamps=torch.from_numpy(timestamps),
             lengths=lengths_t,
             user_ids=torch.from_numpy(users),
+            seen_ids=None if seen_ids is None else torch.from_numpy(seen_ids),
+            seen_lengths=None if seen_lengths is None else torch.from_numpy(seen_lengths),
         )
 
     def negatives(self, batch_index: int) -> torch.Tensor:
@@ -206,6 +214,13 @@ class SplitDataset(Dataset[SeqBatch]):
             return torch.zeros(0, dtype=torch.int64)
         rng = np.random.default_rng([self.seed, self.epoch, batch_index])
         return torch.from_numpy(rng.integers(1, self.num_items + 1, size=self.num_negatives, dtype=np.int64))
+
+
+def _ranges(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """The positions [starts[i], ends[i]) of every row, back to back, in one gather index."""
+    lengths = ends - starts
+    out_offsets = np.cumsum(lengths) - lengths
+    return np.repeat(starts - out_offsets, lengths) + np.arange(int(lengths.sum()))
 
 
 def _already_a_batch(batch: SeqBatch) -> SeqBatch:
@@ -228,10 +243,12 @@ def make_dataloader(
     num_workers: int = 0,
     start_batch: int = 0,
     exclude_validation_from_train: bool = False,
+    seen: SeenItems = SeenItems.WINDOW,
 ) -> DataLoader:
     """One epoch of ``SeqBatch``es for ``rank`` of ``world_size`` (see the module docstring).
 
     ``shuffle`` defaults to True for train and must stay off (as must negatives) for eval splits.
+    ``seen``: under ``SeenItems.HISTORY`` eval batches carry each row's whole history (``SeqBatch.seen``).
     ``len(loader)`` is the number of batches still to come; with ``start_batch=0`` it is the
     epoch's length, the same on every rank.
     """
@@ -249,6 +266,7 @@ def make_dataloader(
         exclude_validation_from_train=exclude_validation_from_train,
         seed=seed,
         epoch=epoch,
+        seen=seen,
     )
     if split_data.skipped:
         log.info("%s %s split: skipped %d users too short for it", dataset.name, split, split_data.skipped)

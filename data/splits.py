@@ -34,6 +34,21 @@ import numpy as np
 T = TypeVar("T")
 
 
+class SeenItems(StrEnum):
+    """Which of a user's items count as already seen: never recommended, and not ranked against the
+    target in evaluation. One rule for evaluation, predictions and serving (``data.exclude_seen``,
+    carried into the export, the server's default).
+
+    HISTORY: every item of the user's history before the target; what a user expects of a
+        recommender (a movie seen 300 events ago is not news).
+    WINDOW: the items of the window the model reads (the last ``max_seq_len`` events), as
+        generative-recommenders evaluates: its published numbers compare with these.
+    """
+
+    HISTORY = "history"
+    WINDOW = "window"
+
+
 class Split(StrEnum):
     TRAIN = "train"
     VALID = "valid"

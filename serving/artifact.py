@@ -2,7 +2,8 @@
 
 Layout of ``runs/<name>/export/`` (format 1)::
 
-    config.json          {"format": 1, "num_items": N, "embedding_dim": d, "model": {ModelConfig fields}}
+    config.json          {"format": 1, "num_items": N, "embedding_dim": d, "model": {ModelConfig fields},
+                          "exclude_seen": "history" | "window"}  (the run's data.exclude_seen; "history" if absent)
     metadata.json        {"version": "...", "metrics": {...}, "created_at": "...", ...}
     encoder.pt           the encoder's state dict (dense weights), plain tensors
     item_embeddings.pt   [N + 1, d] float tensor, row 0 the padding row
@@ -40,6 +41,8 @@ from typing import Any
 import pandas as pd
 import torch
 
+from data.splits import SeenItems
+
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 METADATA_FILE = "metadata.json"
@@ -64,6 +67,8 @@ class Artifact:
         users: one row per known user: ``user_id`` (raw), ``item_ids`` (raw, oldest first), ``timestamps``.
         metadata: at least ``version``; ``metrics`` and whatever training recorded.
         path: where it was loaded from (None when built in memory).
+        exclude_seen: which of a user's items the run counted as seen (``data.splits.SeenItems``): the
+            server's default, so that served lists follow the rule the run was evaluated with.
     """
 
     model_config: dict[str, Any]
@@ -73,6 +78,7 @@ class Artifact:
     users: pd.DataFrame
     metadata: dict[str, Any]
     path: Path | None = None
+    exclude_seen: SeenItems = SeenItems.HISTORY
 
     @property
     def version(self) -> str:
@@ -96,6 +102,7 @@ def save_artifact(
     items: pd.DataFrame,
     users: pd.DataFrame,
     metadata: Mapping[str, Any],
+    exclude_seen: SeenItems = SeenItems.HISTORY,
 ) -> Path:
     """Writes an export atomically (temp dir + rename) and returns its path.
 
@@ -107,6 +114,7 @@ def save_artifact(
         items: columns ``item_id`` (dense 1..num_items, each once), ``raw_item``, optional ``title``.
         users: columns ``user_id``, ``item_ids`` (raw ids, oldest first), ``timestamps`` (seconds).
         metadata: must hold ``version`` (a non-empty string); ``metrics`` by convention.
+        exclude_seen: the run's seen-items rule (``Artifact.exclude_seen``).
     """
     path = Path(path)
     table = item_embeddings.detach().to("cpu", torch.float32).contiguous()
@@ -130,6 +138,7 @@ def save_artifact(
         "num_items": table.shape[0] - 1,
         "embedding_dim": table.shape[1],
         "model": model_json,
+        "exclude_seen": SeenItems(exclude_seen).value,
     }
     state = {k: v.detach().to("cpu").contiguous() for k, v in encoder_state.items()}
 
@@ -174,6 +183,7 @@ def load_artifact(path: str | Path) -> Artifact:
         users=pd.read_parquet(path / USERS_FILE),
         metadata=json.loads((path / METADATA_FILE).read_text()),
         path=path,
+        exclude_seen=SeenItems(config.get("exclude_seen", SeenItems.HISTORY)),
     )
 
 

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from data.splits import SeenItems
 from serving.artifact import Artifact
 
 
@@ -59,7 +60,10 @@ class AppendLimits:
 class Catalogue:
     """Lookups built once from the export's items and users tables."""
 
-    def __init__(self, items: pd.DataFrame, users: pd.DataFrame, append_limits: AppendLimits | None = None):
+    def __init__(self, items: pd.DataFrame, users: pd.DataFrame, append_limits: AppendLimits | None = None,
+                 exclude_seen: SeenItems = SeenItems.HISTORY):
+        self.exclude_seen = SeenItems(exclude_seen)
+        """The export's rule of what a user has seen (``Artifact.exclude_seen``)."""
         items = items.sort_values("item_id")
         self.num_items = len(items)
         # Index 0 is the padding row: it has no raw id and is never returned.
@@ -74,7 +78,7 @@ class Catalogue:
 
     @classmethod
     def from_artifact(cls, artifact: Artifact, append_limits: AppendLimits | None = None) -> Catalogue:
-        return cls(artifact.items, artifact.users, append_limits)
+        return cls(artifact.items, artifact.users, append_limits, artifact.exclude_seen)
 
     @property
     def num_users(self) -> int:

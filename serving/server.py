@@ -38,6 +38,7 @@ from google.protobuf.message_factory import GetMessageClass
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from data.splits import SeenItems
 from protos.genrec.v1 import recommender_pb2 as pb
 from protos.genrec.v1 import recommender_pb2_grpc as pb_grpc
 from serving.artifact import load_artifact
@@ -98,6 +99,8 @@ class ServerConfig:
             model step, so a long one is prefilled over several steps beside short requests.
         cuda_graphs: replay decode steps and known users' one-event updates as CUDA graphs (CUDA only;
             eager elsewhere).
+        exclude_seen: which of a user's items are never recommended (``data.splits.SeenItems``); None:
+            the export's rule, the one its run was evaluated with.
         max_id_chars: longest user_id accepted (it keys server-side state).
         max_generations: Generate streams in progress at once, a beam search counting as its beam_width
             (each beam is a sequence extended every step); one more is refused at arrival with
@@ -131,6 +134,7 @@ class ServerConfig:
     prefill_chunk_tokens: int = 64
     cuda_graphs: bool = False
     max_id_chars: int = 128
+    exclude_seen: SeenItems | None = None
     max_generations: int = 32
     max_generate_items: int = 1_000
     max_beam_work: int = 4_096
@@ -479,7 +483,8 @@ class RecommenderServer:
         s.max_generations, s.append_events = cfg.max_generations, cfg.append_events
         s.limits = RequestLimits(max_len=self.engine.max_len, max_request_bytes=cfg.max_request_bytes,
                                  max_id_chars=cfg.max_id_chars, max_generate_items=cfg.max_generate_items,
-                                 max_beam_work=cfg.max_beam_work)
+                                 max_beam_work=cfg.max_beam_work,
+                                 exclude_seen=cfg.exclude_seen or catalogue.exclude_seen)
 
     def _compute(self, queries: Sequence[Work]) -> list:
         # Looked up per call, so a test can wrap ``server.engine.compute``.
@@ -556,6 +561,9 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerConfig:
     p.add_argument("--max-appended-events", type=int, default=d.max_appended_events,
                    help="appended events held per user (the most recent)")
     p.add_argument("--max-id-chars", type=int, default=d.max_id_chars, help="longest user_id accepted")
+    p.add_argument("--exclude-seen", choices=[r.value for r in SeenItems], default=None,
+                   help="never recommend the user's whole history or only the model's window (default: the "
+                        "export's rule, the run's data.exclude_seen)")
     p.add_argument("--max-generations", type=int, default=d.max_generations,
                    help="Generate streams at once (a beam search counts as its beam_width); more are refused")
     p.add_argument("--max-generate-items", type=int, default=d.max_generate_items, help="most num_items of a Generate")
@@ -573,6 +581,7 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerConfig:
         max_id_chars=a.max_id_chars, max_generations=a.max_generations, max_generate_items=a.max_generate_items,
         max_beam_work=a.max_beam_work, append_events=a.append_events, max_appended_users=a.max_appended_users,
         max_appended_events=a.max_appended_events,
+        exclude_seen=None if a.exclude_seen is None else SeenItems(a.exclude_seen),
     )
 
 

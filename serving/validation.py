@@ -13,8 +13,10 @@ Policy, chosen once here:
 - user ids: at most ``max_id_chars`` characters. An error message quotes client input cut to
   ``ECHO_CHARS`` characters: a message travels as gRPC metadata, whose size is limited, and must not
   grow with what the client sent.
-- retrieval never returns the padding row, the history's items (all of them, not only the
-  truncated window) or ``exclude_item_ids``. Ranking scores the candidates minus ``exclude_item_ids``.
+- retrieval never returns the padding row, the items the user has seen or ``exclude_item_ids``. Seen
+  is ``RequestLimits.exclude_seen`` (``data.splits.SeenItems``): the whole history (default), or only
+  the window the model reads, as the run that made the export decided. Ranking scores the candidates
+  minus ``exclude_item_ids``.
 
 Example::
 
@@ -29,6 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from data.splits import SeenItems
 from protos.genrec.v1 import recommender_pb2 as pb
 from serving.catalogue import Catalogue
 
@@ -56,6 +59,7 @@ class RequestLimits:
         max_generate_items: most items one Generate may ask for (each is a model step).
         max_beam_work: most beam_width x num_items of one beam search: the sequences it extends in all
             (a step of width w costs about w greedy steps).
+        exclude_seen: which of the history's items retrieval never returns.
     """
 
     max_len: int
@@ -66,6 +70,7 @@ class RequestLimits:
     max_id_chars: int = 128
     max_generate_items: int = 1_000
     max_beam_work: int = 4_096
+    exclude_seen: SeenItems = SeenItems.HISTORY
 
 
 @dataclass(frozen=True)
@@ -109,7 +114,8 @@ def parse_request(request: pb.RecommendRequest, catalogue: Catalogue, limits: Re
         candidates = candidates[~np.isin(candidates, exclude)]
     else:
         candidates = None
-        exclude = np.union1d(items, exclude)
+        seen = items if limits.exclude_seen is SeenItems.HISTORY else items[-limits.max_len :]
+        exclude = np.union1d(seen, exclude)
     return Query(
         items=items[-limits.max_len :],
         timestamps=stamps[-limits.max_len :],

@@ -63,7 +63,7 @@ def test_eval_equals_training_time_evaluation_of_the_same_checkpoint(evaluated):
     assert report["checkpoint"] == (evaluated["hstu"] / "checkpoints" / "best").read_text().strip()
     assert report["checkpoint_epoch"] == json.loads((evaluated["hstu"] / "metrics.json").read_text())["best_epoch"]
     expected = training_metrics(evaluated["hstu"])
-    assert len(expected) == 8
+    assert len(expected) == 16  # 8 under the run's seen-items rule, 8 with the window's (GR's protocol)
     assert {k: report[k] for k in expected} == expected  # same process count and batches: bit for bit
 
 
@@ -96,16 +96,18 @@ def test_predictions_are_the_training_time_lists_plus_ranks(evaluated):
     checked = 0
     for row in ours[ours["rank"] <= 10].itertuples():
         seq = sequences.loc[row.user_id, "item_ids"]
-        if raw[seq[-1]] in set(raw[seq[:-1][-cfg.data.max_len:]]):
+        if raw[seq[-1]] in set(raw[seq[:-1]]):  # the run's rule: the whole history is seen
             continue
         assert row.topk[row.rank - 1] == row.target_item, row
         checked += 1
     assert checked > 50
 
 
-def test_most_popular_baseline_equals_a_hand_computation(evaluated):
+@pytest.mark.parametrize("rule", ["history", "window"])
+def test_most_popular_baseline_equals_a_hand_computation(evaluated, rule):
     """Popularity from the training part of each sequence (all but the test target), ties to the smaller
-    id, history (last max_len items) removed, the target always ranked: recomputed here in plain Python."""
+    id, the seen items removed (the run's rule: the whole history; ``window/``: the last max_len items,
+    generative-recommenders' protocol), the target always ranked: recomputed here in plain Python."""
     cfg = load_config(evaluated["hstu"] / "config.yaml")
     sequences = pd.read_parquet(Path(cfg.data.root) / "synthetic" / "sequences.parquet")["item_ids"]
     num_items = len(pd.read_parquet(Path(cfg.data.root) / "synthetic" / "items.parquet"))
@@ -116,7 +118,8 @@ def test_most_popular_baseline_equals_a_hand_computation(evaluated):
     order = sorted(range(1, num_items + 1), key=lambda i: (-counts.get(i, 0), i))
     ranks, top10 = [], set()
     for seq in sequences:
-        history, target = {int(i) for i in seq[:-1][-cfg.data.max_len:]}, int(seq[-1])
+        before = seq[:-1] if rule == "history" else seq[:-1][-cfg.data.max_len:]
+        history, target = {int(i) for i in before}, int(seq[-1])
         candidates = [i for i in order if i not in history or i == target]
         ranks.append(candidates.index(target) + 1)
         top10.update([i for i in order if i not in history][:10])
@@ -125,12 +128,15 @@ def test_most_popular_baseline_equals_a_hand_computation(evaluated):
     mrr = sum(1 / r for r in ranks) / len(ranks)
 
     baseline = evaluated["report"]["baselines"]["most_popular"]
-    assert baseline["test/hr@10"] == pytest.approx(hr10, abs=1e-12)
-    assert baseline["test/ndcg@10"] == pytest.approx(ndcg10, rel=1e-9)
-    assert baseline["test/mrr"] == pytest.approx(mrr, rel=1e-9)
-    assert baseline["test/coverage@10"] == pytest.approx(len(top10) / num_items)
-    predictions = pd.read_parquet(evaluated["hstu"] / "eval" / baseline["predictions"])
-    assert predictions["rank"].tolist() == ranks
+    prefix = "test/" if rule == "history" else "test/window/"
+    assert baseline[f"{prefix}hr@10"] == pytest.approx(hr10, abs=1e-12)
+    assert baseline[f"{prefix}ndcg@10"] == pytest.approx(ndcg10, rel=1e-9)
+    assert baseline[f"{prefix}mrr"] == pytest.approx(mrr, rel=1e-9)
+    if rule == "history":  # the lists and their ranks follow the run's rule
+        assert baseline["test/coverage@10"] == pytest.approx(len(top10) / num_items)
+        predictions = pd.read_parquet(evaluated["hstu"] / "eval" / baseline["predictions"])
+        assert predictions["rank"].tolist() == ranks
+    assert sum(len(seq) - 1 > cfg.data.max_len for seq in sequences) > 50  # the two rules differ here
 
 
 def test_report_breakdowns_add_up(evaluated):

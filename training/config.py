@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from data.splits import SeenItems
 from data.synthetic import SyntheticConfig
 from models.config import ModelConfig
 
@@ -82,6 +83,10 @@ class DataConfig:
     """Size of the negative pool shared by all positions of a batch."""
     exclude_validation_from_train: bool = False
     """Train on s[:n-2] instead of s[:n-1], so the validation target is never seen in training."""
+    exclude_seen: SeenItems = SeenItems.HISTORY
+    """What a user has seen, never recommended: the whole history or only the model's window
+    (``data.splits.SeenItems``). Evaluation, predictions and the export (the server's default) use it;
+    evaluation also reports the window's numbers (generative-recommenders' protocol) as ``window/*``."""
     num_workers: int = 0
 
 

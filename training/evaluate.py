@@ -67,6 +67,10 @@ BEYOND_K = 10
 @dataclass
 class EvalResult:
     metrics: dict[str, float]
+    """Under the batches' seen-items rule (``SeqBatch.seen``)."""
+    window_metrics: dict[str, float]
+    """With only the window's items removed: generative-recommenders' protocol (the same numbers when
+    the batches carry no longer history)."""
     user_ids: torch.Tensor | None = None
     """[U] dense user index of each row of ``topk`` (rank 0 holds all users, others None)."""
     targets: torch.Tensor | None = None
@@ -96,23 +100,26 @@ def evaluate(
     model.eval()
     items = model.embed_items(torch.arange(1, num_items + 1, device=device)).float()
     table = torch.cat([items.new_zeros(1, items.shape[1]), items])  # row 0: padding, never ranked
-    acc = RankingMetrics(device=device)
+    acc, window = RankingMetrics(device=device), RankingMetrics(device=device)
     kept: list[tuple[torch.Tensor, ...]] = []
     for batch in batches:
         batch = batch.to(device, non_blocking=True)
         scores = model.encode(batch).float() @ table.T
         keep = batch.user_ids >= 0
-        ranks = target_ranks(scores, batch.targets(), batch.item_ids(), batch.lengths)
+        ranks = target_ranks(scores, batch.targets(), *batch.seen())
         acc.update(ranks[keep])
+        window_ranks = ranks if batch.seen_ids is None else target_ranks(
+            scores, batch.targets(), batch.item_ids(), batch.lengths)
+        window.update(window_ranks[keep])
         if topk:
             best_scores, best_items = _top_scored(scores, batch, topk)
             target_scores = scores.gather(1, batch.targets()[:, None]).squeeze(1)
             kept.append(tuple(t[keep].cpu() for t in (
                 batch.user_ids, batch.targets(), best_items, ranks, target_scores, best_scores)))
-    totals = acc.totals()
+    totals = torch.stack([acc.totals(), window.totals()])
     if dist.is_initialized():
         dist.all_reduce(totals)
-    result = EvalResult(RankingMetrics.from_totals(totals))
+    result = EvalResult(RankingMetrics.from_totals(totals[0]), RankingMetrics.from_totals(totals[1]))
     if topk:
         columns = _gather_rows(*(torch.cat(column) for column in zip(*kept, strict=True)))
         (result.user_ids, result.targets, result.topk, result.ranks, result.target_scores,
@@ -122,16 +129,17 @@ def evaluate(
 
 
 def top_items(scores: torch.Tensor, batch: SeqBatch, k: int) -> torch.Tensor:
-    """[B, k] best dense item ids per row, with the padding row and the history removed."""
+    """[B, k] best dense item ids per row, with the padding row and what the row has seen removed."""
     return _top_scored(scores, batch, k)[1]
 
 
 def _top_scored(scores: torch.Tensor, batch: SeqBatch, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """([B, k] scores, [B, k] dense item ids) of the best items per row, padding and history removed."""
+    """([B, k] scores, [B, k] dense item ids) of the best items per row, padding and seen items removed."""
     scores = scores.clone()
     scores[:, 0] = float("-inf")
-    rows = torch.repeat_interleave(torch.arange(batch.batch_size, device=scores.device), batch.lengths)
-    scores[rows, batch.item_ids()] = float("-inf")
+    seen, lengths = batch.seen()
+    rows = torch.repeat_interleave(torch.arange(batch.batch_size, device=scores.device), lengths)
+    scores[rows, seen] = float("-inf")
     best = scores.topk(min(k, scores.shape[1] - 1), dim=1)
     return best.values, best.indices
 
@@ -193,6 +201,7 @@ def eval_loader(cfg: TrainConfig, dataset: PreparedDataset, ctx: DistContext):
         world_size=ctx.world_size,
         num_workers=cfg.data.num_workers,
         exclude_validation_from_train=cfg.data.exclude_validation_from_train,
+        seen=cfg.data.exclude_seen,
     )
 
 
@@ -266,6 +275,7 @@ def summarize(
     predictions = predictions_frame(result, dataset, detailed=True)
     topk = result.topk.numpy()
     summary: dict[str, Any] = {f"test/{k}": v for k, v in result.metrics.items()}
+    summary |= {f"test/window/{k}": v for k, v in result.window_metrics.items()}
     summary[f"test/coverage@{BEYOND_K}"] = analysis.coverage(topk, dataset.num_items, BEYOND_K)
     summary[f"test/popularity_bias@{BEYOND_K}"] = analysis.popularity_bias(topk, popular, BEYOND_K)
     by_length = analysis.metrics_by_history_length(predictions["rank"], predictions["history_length"])

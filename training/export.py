@@ -45,4 +45,5 @@ def export_run(
         items=items,
         users=users,
         metadata={"version": path.parent.name, "metrics": metrics, "train_config": to_dict(cfg)},
+        exclude_seen=cfg.data.exclude_seen,
     )

@@ -151,6 +151,7 @@ class Trainer:
             num_workers=cfg.num_workers,
             start_batch=start_batch,
             exclude_validation_from_train=cfg.exclude_validation_from_train,
+            seen=cfg.exclude_seen,
         )
 
     def evaluate(self, split: Split, *, with_topk: int = 0):
@@ -319,7 +320,9 @@ def finish(t: Trainer) -> None:
     result = t.evaluate(Split.TEST, with_topk=t.cfg.run.topk)
     if t.ctx.is_main:
         summary = {"best_epoch": t.progress.best_epoch, "valid_" + SELECT_METRIC: t.progress.best_metric,
-                   **{f"test/{k}": v for k, v in result.metrics.items()}}
+                   "exclude_seen": t.cfg.data.exclude_seen.value,
+                   **{f"test/{k}": v for k, v in result.metrics.items()},
+                   **{f"test/window/{k}": v for k, v in result.window_metrics.items()}}
         (t.run_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
         write_predictions(result, t.dataset, t.run_dir / "predictions.parquet")
         log.info("test: %s", "  ".join(f"{k}={v:.4f}" for k, v in result.metrics.items()))
