@@ -70,7 +70,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--append", type=parse_history, default=[],
                    help="item@timestamp,... to add to --user's server-side history first (AppendEvents)")
     p.add_argument("--generate", type=int, default=0, help="stream this many generated items (Generate)")
-    p.add_argument("--temperature", type=float, default=0.0, help="Generate: 0 greedy, else sampled")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="Generate: 0 greedy; else sampled, relative to the model's training temperature "
+                        "(1: the distribution it learnt; smaller: closer to greedy; larger: closer to uniform)")
     p.add_argument("--seed", type=int, default=0, help="Generate: the sampler's seed")
     p.add_argument("--beam-width", type=int, default=0, help="Generate: beam search with this many beams")
     a = p.parse_args(argv)

@@ -230,7 +230,8 @@ class Generation:
 MAX_TEMPERATURE = 100.0
 MAX_BEAM_WIDTH = 32
 MIN_TEMPERATURE = 1e-3
-"""Scores are cosines in [-1, 1]: below this, sampling is greedy in all but name, and 1/t overflows."""
+"""Temperatures are relative to the trained one (``Engine._sample``): at 1e-3 the logits are cosine /
+5e-5 with the default 0.05, greedy in all but name; far below, 1/t overflows."""
 
 
 def parse_generate(request: pb.GenerateRequest, catalogue: Catalogue, limits: RequestLimits) -> Generation:
