@@ -86,6 +86,17 @@ def test_serves_until_sigterm_then_goes_not_serving_and_exits_cleanly(artifact, 
     assert "got SIGTERM" in rest and "stopped" in rest, "".join(log) + rest
 
 
+def test_a_missing_artifact_fails_in_one_line_before_listening(tmp_path):
+    """``make serve ARTIFACT=/nonexistent`` announced "listening on ..." before its error (issue #19):
+    the export is now read and checked before the port opens."""
+    proc = subprocess.run([sys.executable, "-m", "serving.server", "--artifact", str(tmp_path / "none"), "--port", "0"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0, proc.stderr
+    assert "listening" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    [error] = proc.stderr.strip().splitlines()
+    assert f"ERROR serving: no export at {tmp_path / 'none'}" in error, proc.stderr
+
+
 def test_refuses_a_port_in_use(artifact):
     """A second server on a busy port fails loudly instead of sharing it (gRPC's SO_REUSEPORT is off)."""
     with ServerThread(ServerConfig(artifact=artifact, port=0)) as first:
