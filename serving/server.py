@@ -53,6 +53,7 @@ from serving.validation import (
     parse_append,
     parse_generate,
     parse_request,
+    parse_search,
 )
 
 log = logging.getLogger("serving")
@@ -220,6 +221,17 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
                 async with contextlib.aclosing(self._generate(request, context)) as items:
                     async for item in items:
                         yield item
+
+    async def SearchItems(self, request: pb.SearchItemsRequest, context: grpc.aio.ServicerContext
+                          ) -> pb.SearchItemsResponse:
+        async with self._track("SearchItems", context, request):
+            catalogue, _ = self._ready()
+            with _rejecting():
+                text, limit = parse_search(request)
+            # A scan of the whole catalogue: on a thread, so a large one does not hold up the event loop.
+            found, total = await asyncio.to_thread(catalogue.search, text, limit)
+            items = [pb.CatalogueItem(item_id=catalogue.raw_ids[i], title=catalogue.titles[i]) for i in found]
+            return pb.SearchItemsResponse(items=items, total_matches=total)
 
     async def _generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
                         ) -> AsyncIterator[pb.GeneratedItem]:
