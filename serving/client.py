@@ -94,6 +94,8 @@ def format_table(responses: Iterable[pb.RecommendResponse]) -> str:
 
 
 def format_search(reply: pb.SearchItemsResponse) -> str:
+    if not reply.items:
+        return "no item's id or title contains that text"
     width = max([len("item")] + [len(item.item_id) for item in reply.items])
     titles = any(has_title(item) for item in reply.items)
     lines = [item_cells("item", "title" if titles else "", width)]

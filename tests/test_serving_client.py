@@ -83,6 +83,8 @@ def test_search_lists_matching_ids_and_titles(server, capsys):
     assert client(server, "--search", "PART 1", "--top-k", "3") == 0
     out = capsys.readouterr().out
     assert len(rows_of_search(out)) == 3 and "3 of 9 matching items (--top-k shows more)" in out
+    assert client(server, "--search", "no such film") == 0
+    assert capsys.readouterr().out == "no item's id or title contains that text\n"
 
 
 def rows_of_search(out: str) -> list[str]:
