@@ -273,8 +273,8 @@ DEFAULT_SEARCH_LIMIT = 20
 
 
 def parse_search(request: pb.SearchItemsRequest) -> tuple[str, int]:
-    """A SearchItemsRequest as (query, limit). Both are bounded: the query because an error message
-    quotes it, the limit because the reply holds that many items."""
+    """A SearchItemsRequest as (query, limit). Both are bounded: the scan costs the catalogue's size
+    times the query's length, and the reply holds ``limit`` items."""
     if not request.query:
         raise InvalidRequest("query", "empty; give part of an item's id or title")
     if len(request.query) > MAX_SEARCH_CHARS:
