@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from data.splits import SeenItems
 from serving.artifact import Artifact
@@ -71,6 +72,8 @@ class Catalogue:
         titles = items["title"] if "title" in items.columns else pd.Series([None] * self.num_items)
         self.titles: list[str] = ["", *("" if pd.isna(t) else str(t) for t in titles)]
         self._dense = {raw: i for i, raw in enumerate(self.raw_ids) if i > 0}
+        # Arrow copies for ``search``: its substring scan runs in C++, without the GIL.
+        self._searchable = (pa.array(self.raw_ids[1:], pa.string()), pa.array(self.titles[1:], pa.string()))
         self._users, self._history_items, self._history_ts, self._offsets = self._index_users(users)
         self.append_limits = append_limits or AppendLimits()
         # AppendEvents, per raw user id, least recently used first.
@@ -92,6 +95,20 @@ class Catalogue:
         """[n] int64 dense rows, 0 for each unknown id."""
         get = self._dense.get
         return np.fromiter((get(x, 0) for x in raw_items), dtype=np.int64, count=len(raw_items))
+
+    def search(self, text: str, limit: int) -> tuple[list[int], int]:
+        """Dense ids of the items whose raw id or title contains ``text``, ignoring case, and how many
+        match in all. The item whose raw id is ``text`` comes first (numeric ids: "1" before "1193"),
+        the others in catalogue order; at most ``limit``. One scan of the catalogue, ~0.2 s a million
+        items."""
+        ids, titles = self._searchable
+        hits = pc.or_(pc.match_substring(ids, text, ignore_case=True),
+                      pc.match_substring(titles, text, ignore_case=True))
+        dense = np.flatnonzero(hits.to_numpy(zero_copy_only=False)) + 1
+        exact = self.dense_id(text)
+        if exact:
+            dense = np.concatenate([[exact], dense[dense != exact]])
+        return dense[:limit].tolist(), len(dense)
 
     def user_history(self, raw_user: str) -> History | None:
         """The history of a known user (the export's, then appended events), None for an unknown one."""

@@ -81,7 +81,8 @@ class Score:
 class Decode:
     """One generation step: choose the next item after ``state`` and append it.
 
-    ``temperature`` 0 is greedy; above 0 samples from softmax(scores / temperature) with ``generator``.
+    ``temperature`` 0 is greedy; above 0 samples with ``generator`` from softmax(cosine / (temperature x
+    the model's trained temperature)), so 1 samples the distribution the model was trained on.
     The chosen item gets ``timestamp`` (the request's last event time: a time gap of 0).
     """
 
@@ -285,11 +286,7 @@ class Engine:
             row = scores[b]
             if len(d.banned):
                 row[torch.from_numpy(d.banned).to(self.device)] = float("-inf")
-            if d.temperature > 0:
-                probs = torch.softmax(row.double().cpu() / d.temperature, dim=0)
-                item = int(torch.multinomial(probs, 1, generator=d.generator))
-            else:
-                item = int(torch.argmax(row))
+            item = self._sample(row, d.temperature, d.generator) if d.temperature > 0 else int(torch.argmax(row))
             chosen.append((item, float(row[item])))
         states: list[PrefixState | None] = [None] * len(decodes)
         room = [b for b, d in enumerate(decodes) if d.state.length < self.max_len]
@@ -303,6 +300,13 @@ class Engine:
             if states[b] is None:
                 states[b] = self._append(d.state, chosen[b][0], d.timestamp)
         return [Decoded(item, score, st) for (item, score), st in zip(chosen, states, strict=True)]
+
+    def _sample(self, scores: torch.Tensor, temperature: float, generator: torch.Generator | None) -> int:
+        """Draws an item from softmax(cosine / (temperature x ModelConfig.temperature)). Training's logits
+        are cosine / ModelConfig.temperature (0.05), so temperature 1 is the distribution the model
+        learnt; raw cosines (in [-1, 1]) divided by 1 would be close to uniform over the catalogue."""
+        probs = torch.softmax(scores.double().cpu() / (temperature * self.config.temperature), dim=0)
+        return int(torch.multinomial(probs, 1, generator=generator))
 
     def _beam_steps(self, steps: Sequence[BeamStep]) -> list[tuple[Beam, ...]]:
         return [self._beam_step(step) for step in steps]

@@ -1,8 +1,9 @@
 """The gRPC server: ``genrec.v1.RecommenderService`` over a dynamic batcher, plus health, reflection
 and Prometheus metrics.
 
-Lifecycle: the port opens first with health NOT_SERVING; the export is loaded and the model warmed
-up off the event loop; then health turns SERVING. On SIGTERM (or SIGINT) health turns NOT_SERVING,
+Lifecycle: the export is read and checked first, so a missing or malformed one fails before the port
+opens; then the port opens with health NOT_SERVING while the model is built and warmed up off the
+event loop; then health turns SERVING. On SIGTERM (or SIGINT) health turns NOT_SERVING,
 new RPCs are refused, in-flight ones get ``grace_s`` seconds to finish, then the process exits 0.
 
 Run it::
@@ -41,7 +42,7 @@ from grpc_reflection.v1alpha import reflection
 from data.splits import SeenItems
 from protos.genrec.v1 import recommender_pb2 as pb
 from protos.genrec.v1 import recommender_pb2_grpc as pb_grpc
-from serving.artifact import load_artifact
+from serving.artifact import Artifact, load_artifact
 from serving.batcher import BatcherConfig, DeadlineExpired, DynamicBatcher, QueueFull
 from serving.catalogue import AppendLimits, Catalogue
 from serving.engine import Beam, BeamStep, Decode, Engine, Prefill, Recommendation, Score, Work
@@ -53,6 +54,7 @@ from serving.validation import (
     parse_append,
     parse_generate,
     parse_request,
+    parse_search,
 )
 
 log = logging.getLogger("serving")
@@ -223,6 +225,17 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
                 async with contextlib.aclosing(self._generate(request, context)) as items:
                     async for item in items:
                         yield item
+
+    async def SearchItems(self, request: pb.SearchItemsRequest, context: grpc.aio.ServicerContext
+                          ) -> pb.SearchItemsResponse:
+        async with self._track("SearchItems", context, request):
+            catalogue, _ = self._ready()
+            with _rejecting():
+                text, limit = parse_search(request)
+            # A scan of the whole catalogue: on a thread, so a large one does not hold up the event loop.
+            found, total = await asyncio.to_thread(catalogue.search, text, limit)
+            items = [pb.CatalogueItem(item_id=catalogue.raw_ids[i], title=catalogue.titles[i]) for i in found]
+            return pb.SearchItemsResponse(items=items, total_matches=total)
 
     async def _generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
                         ) -> AsyncIterator[pb.GeneratedItem]:
@@ -421,9 +434,13 @@ class RecommenderServer:
         self._shutting_down = False
 
     async def start(self) -> int:
-        """Binds, answers health NOT_SERVING while the model loads and warms up, then SERVING.
-        Returns the bound port."""
+        """Reads the export, binds, answers health NOT_SERVING while the model is built and warms up,
+        then SERVING. Returns the bound port. Raises before binding when the export is missing
+        (FileNotFoundError) or malformed, so no port is announced that will not serve."""
         cfg = self.config
+        if cfg.prefill_chunk_tokens < 1:
+            raise ValueError(f"prefill_chunk_tokens must be >= 1, got {cfg.prefill_chunk_tokens}")
+        artifact = await asyncio.to_thread(load_artifact, cfg.artifact)  # reads files: off the event loop
         torch.set_num_threads(cfg.torch_threads)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         server = grpc.aio.server(options=cfg.grpc_options(), maximum_concurrent_rpcs=cfg.max_concurrent_rpcs)
@@ -445,11 +462,11 @@ class RecommenderServer:
         self._server = server
         if cfg.metrics_port is not None:
             self.metrics_port = self.metrics.start_http(cfg.metrics_port, cfg.host)
-        log.info("listening on %s:%d (%s), loading %s", cfg.host, self.port,
+        log.info("listening on %s:%d (%s), warming up the model of %s", cfg.host, self.port,
                  "TLS" if cfg.tls_cert else "plaintext", cfg.artifact)
 
         try:
-            await self._load()
+            await self._load(artifact)
         except BaseException:
             await self.shutdown(grace_s=0)  # close the port and the metrics endpoint before failing
             raise
@@ -459,14 +476,11 @@ class RecommenderServer:
                      self.engine.num_items if self.engine else 0, self.metrics_port)
         return self.port
 
-    async def _load(self) -> None:
-        """Loads and warms the model on a worker thread, so health checks are answered meanwhile."""
+    async def _load(self, artifact: Artifact) -> None:
+        """Builds and warms the model on a worker thread, so health checks are answered meanwhile."""
         cfg = self.config
-        if cfg.prefill_chunk_tokens < 1:
-            raise ValueError(f"prefill_chunk_tokens must be >= 1, got {cfg.prefill_chunk_tokens}")
 
         def load() -> tuple[Engine, Catalogue]:
-            artifact = load_artifact(cfg.artifact)
             engine = Engine(artifact, cfg.device, kv_cache_bytes=int(cfg.kv_cache_mb * (1 << 20)),
                             metrics=self.metrics, cuda_graphs=cfg.cuda_graphs)
             engine.warm_up(cfg.batcher.max_batch_size)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -44,10 +44,13 @@ def make_random_artifact(
     config: ModelConfig | None = None,
     history_len: tuple[int, int] = (5, 30),
     seed: int = 0,
+    titles_as_ids: Sequence[str] | None = None,
 ) -> tuple[GenerativeRecommender, Path]:
     """A randomly initialised ``GenerativeRecommender`` and its export, written as training writes it.
 
-    Users "0".."num_users-1" get random histories of ``history_len`` (min, max) events.
+    Users "0".."num_users-1" get random histories of ``history_len`` (min, max) events. Items have the
+    raw ids of ``raw_item_id`` and titles "Item <dense id>", or with ``titles_as_ids`` (``num_items``
+    of them) these titles as their raw ids, as the title-keyed ML-1M fallback data has.
     """
     torch.manual_seed(seed)
     config = config or ModelConfig(embedding_dim=16, attention_dim=8, linear_dim=8, max_seq_len=32)
@@ -56,15 +59,18 @@ def make_random_artifact(
         table = model.embed_items(torch.arange(num_items + 1), normalize=False)
 
     rng = np.random.default_rng(seed)
+    if titles_as_ids is not None and len(titles_as_ids) != num_items:
+        raise ValueError(f"titles_as_ids has {len(titles_as_ids)} titles for {num_items} items")
+    raw = ["", *(titles_as_ids or [raw_item_id(i) for i in range(1, num_items + 1)])]  # by dense id
     items = pd.DataFrame({
         "item_id": np.arange(1, num_items + 1),
-        "raw_item": [raw_item_id(i) for i in range(1, num_items + 1)],
-        "title": [f"Item {i}" for i in range(1, num_items + 1)],
+        "raw_item": raw[1:],
+        "title": list(titles_as_ids or [f"Item {i}" for i in range(1, num_items + 1)]),
     })
     lengths = rng.integers(history_len[0], history_len[1] + 1, size=num_users)
     users = pd.DataFrame({
         "user_id": [str(u) for u in range(num_users)],
-        "item_ids": [[raw_item_id(int(i)) for i in rng.integers(1, num_items + 1, size=n)] for n in lengths],
+        "item_ids": [[raw[int(i)] for i in rng.integers(1, num_items + 1, size=n)] for n in lengths],
         "timestamps": [list(START_TIME + 60 * np.arange(n)) for n in lengths],
     })
     save_artifact(

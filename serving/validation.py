@@ -236,7 +236,8 @@ class Generation:
 MAX_TEMPERATURE = 100.0
 MAX_BEAM_WIDTH = 32
 MIN_TEMPERATURE = 1e-3
-"""Scores are cosines in [-1, 1]: below this, sampling is greedy in all but name, and 1/t overflows."""
+"""Temperatures are relative to the trained one (``Engine._sample``): at 1e-3 the logits are cosine /
+5e-5 with the default 0.05, greedy in all but name; far below, 1/t overflows."""
 
 
 def parse_generate(request: pb.GenerateRequest, catalogue: Catalogue, limits: RequestLimits) -> Generation:
@@ -270,3 +271,21 @@ def parse_generate(request: pb.GenerateRequest, catalogue: Catalogue, limits: Re
         raise InvalidRequest("beam_width", f"beam_width x num_items = {width * request.num_items} exceeds the "
                              f"server's limit of {limits.max_beam_work}")
     return Generation(query, request.num_items, float(t), int(request.seed), width)
+
+
+MAX_SEARCH_CHARS = 200
+MAX_SEARCH_LIMIT = 1_000
+DEFAULT_SEARCH_LIMIT = 20
+
+
+def parse_search(request: pb.SearchItemsRequest) -> tuple[str, int]:
+    """A SearchItemsRequest as (query, limit). Both are bounded: the scan costs the catalogue's size
+    times the query's length, and the reply holds ``limit`` items."""
+    if not request.query:
+        raise InvalidRequest("query", "empty; give part of an item's id or title")
+    if len(request.query) > MAX_SEARCH_CHARS:
+        raise InvalidRequest("query", f"{_shown(request.query)} is longer than the limit of {MAX_SEARCH_CHARS}")
+    if not 0 <= request.limit <= MAX_SEARCH_LIMIT:
+        raise InvalidRequest("limit", f"must be in [0, {MAX_SEARCH_LIMIT}] (0: {DEFAULT_SEARCH_LIMIT}), "
+                             f"got {request.limit}")
+    return request.query, request.limit or DEFAULT_SEARCH_LIMIT

@@ -58,13 +58,13 @@ def metric(server: ServerThread, name: str) -> float:
 
 def test_not_serving_until_the_model_is_loaded_and_warm(artifact, monkeypatch):
     loading = threading.Event()
-    real_load = server_module.load_artifact
+    real_engine = server_module.Engine
 
-    def slow_load(path):
+    def slow_engine(*args, **kwargs):  # the export is read before the port opens; the model is built after
         assert loading.wait(20)
-        return real_load(path)
+        return real_engine(*args, **kwargs)
 
-    monkeypatch.setattr(server_module, "load_artifact", slow_load)
+    monkeypatch.setattr(server_module, "Engine", slow_engine)
     server = ServerThread(ServerConfig(artifact=artifact, port=0)).start(wait=False)
     try:
         wait_until(lambda: server.port != 0)

@@ -211,6 +211,48 @@ def test_sampling_is_seeded_and_respects_bans(artifact) -> None:
     assert len(set(draw(3) + draw(4) + draw(5))) > 1
 
 
+def generate(engine: Engine, state, banned: np.ndarray, stamp: int, temperature: float, seed: int,
+             n: int = 10) -> list[int]:
+    """``n`` Decode steps from ``state``, as the server's Generate runs them."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        (step,) = engine.compute([Decode(state, banned, temperature, stamp, g)])
+        out.append(step.item)
+        banned, state = np.append(banned, step.item), step.state
+    return out
+
+
+def test_a_very_small_temperature_is_greedy(artifact) -> None:
+    """Temperature is relative to the trained one (0.05): at 0.02 the logits are cosine / 1e-3, so the
+    top-two gaps of this model's steps (0.028 and up) leave the runner-up at most e^-28 of the best's
+    chance. (Dividing the raw cosines by 0.02 leaves it e^-1.4, and these seeds stray from greedy.)"""
+    engine = Engine(artifact)
+    items, stamps = history(7, 10)
+    state = prefill(engine, None, query(items, stamps))
+    banned, stamp = np.unique(items), int(stamps[-1])
+    greedy = generate(engine, state, banned, stamp, 0.0, seed=0)
+    for seed in range(8):
+        assert generate(engine, state, banned, stamp, 0.02, seed) == greedy, seed
+
+
+def test_temperature_one_samples_the_trained_distribution(artifact) -> None:
+    """At temperature 1 the sampler draws from softmax(cosine / ModelConfig.temperature), the
+    distribution the model was trained on: with the same generator, every draw is the draw from
+    exactly those probabilities."""
+    engine = Engine(artifact)
+    assert engine.config.temperature == 0.05
+    items, stamps = history(7, 10)
+    state = prefill(engine, None, query(items, stamps))
+    banned = np.unique(items)
+    cosine = score_items(state.user[None], engine.item_vectors)[0].double()
+    cosine[banned] = float("-inf")
+    trained = torch.softmax(cosine / 0.05, dim=0)
+    for seed in range(20):
+        (step,) = engine.compute([Decode(state, banned, 1.0, int(stamps[-1]), torch.Generator().manual_seed(seed))])
+        assert step.item == int(torch.multinomial(trained, 1, generator=torch.Generator().manual_seed(seed))), seed
+
+
 def test_sasrec_has_no_prefix_states(tmp_path) -> None:
     _, path = make_random_artifact(tmp_path / "export", config=ModelConfig(encoder=EncoderType.SASREC))
     engine = Engine(load_artifact(path), kv_cache_bytes=1 << 20)

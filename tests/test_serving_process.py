@@ -65,7 +65,7 @@ def test_serves_until_sigterm_then_goes_not_serving_and_exits_cleanly(artifact, 
             # The command-line client prints a known user's recommendations with titles.
             assert client_main(["--address", f"127.0.0.1:{port}", "--user", "1", "--top-k", "4"]) == 0
             out = capsys.readouterr().out
-            assert len(re.findall(r"^\s+\d+\s+10\d\d\s+-?\d\.\d{4}\s+Item \d+$", out, re.MULTILINE)) == 4
+            assert len(re.findall(r"^\s+\d+\s+-?\d\.\d{4}\s+10\d\d\s+Item \d+$", out, re.MULTILINE)) == 4
             assert "model random-30x16-seed0" in out
             assert client_main(["--address", f"127.0.0.1:{port}", "--user", "nobody"]) == 1
             assert "INVALID_ARGUMENT: user_id" in capsys.readouterr().err
@@ -74,7 +74,7 @@ def test_serves_until_sigterm_then_goes_not_serving_and_exits_cleanly(artifact, 
                                 "--generate", "5"]) == 0
             captured = capsys.readouterr()
             assert "now has" in captured.err
-            assert len(re.findall(r"^\s+[1-5]\s+10\d\d\s+-?\d\.\d{4}\s+Item \d+$", captured.out, re.MULTILINE)) == 5
+            assert len(re.findall(r"^\s+[1-5]\s+-?\d\.\d{4}\s+10\d\d\s+Item \d+$", captured.out, re.MULTILINE)) == 5
 
             proc.send_signal(signal.SIGTERM)
             assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
@@ -84,6 +84,17 @@ def test_serves_until_sigterm_then_goes_not_serving_and_exits_cleanly(artifact, 
             proc.kill()
     rest = proc.stderr.read()
     assert "got SIGTERM" in rest and "stopped" in rest, "".join(log) + rest
+
+
+def test_a_missing_artifact_fails_in_one_line_before_listening(tmp_path):
+    """``make serve ARTIFACT=/nonexistent`` announced "listening on ..." before its error (issue #19):
+    the export is now read and checked before the port opens."""
+    proc = subprocess.run([sys.executable, "-m", "serving.server", "--artifact", str(tmp_path / "none"), "--port", "0"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0, proc.stderr
+    assert "listening" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    [error] = proc.stderr.strip().splitlines()
+    assert f"ERROR serving: no export at {tmp_path / 'none'}" in error, proc.stderr
 
 
 def test_refuses_a_port_in_use(artifact):

@@ -105,7 +105,7 @@ def test_long_client_input_is_invalid_argument_and_not_echoed_in_full(artifact, 
         assert e.value.details().startswith(field + ":") and len(e.value.details()) < 300, e.value.details()
 
 
-@pytest.mark.parametrize("method", ["Recommend", "RecommendStream", "AppendEvents", "Generate"])
+@pytest.mark.parametrize("method", ["Recommend", "RecommendStream", "AppendEvents", "Generate", "SearchItems"])
 @pytest.mark.parametrize("raw", [b"\xff\xff\xff", b"\x0a\x02\xff\xfe"], ids=["corrupt", "bad-utf8"])
 def test_undecodable_request_is_invalid_argument_logged_in_one_line(artifact, caplog, method, raw):
     """Issue #20, 5: bytes that are not a request message were answered UNKNOWN, with a 7-line ERROR
@@ -273,15 +273,15 @@ class FinishedRpc:
         raise ExecuteBatchError("Failed \"execute_batch\": (<grpc._cython.cygrpc.SendStatusFromServerOperation>,)")
 
 
-@pytest.mark.parametrize("method", ["Recommend", "RecommendStream", "AppendEvents", "Generate"])
+@pytest.mark.parametrize("method", ["Recommend", "RecommendStream", "AppendEvents", "Generate", "SearchItems"])
 def test_a_refusal_that_finds_the_rpc_already_over_ends_it_quietly(method):
     """Issue #20, 13: under overload a refusal (here UNAVAILABLE: no model loaded) could reach gRPC after
     the RPC's deadline had ended it; abort then raised ExecuteBatchError out of the handler and gRPC
     logged its traceback. The handler now ends as gRPC's own cancellation would (CancelledError,
     logged by gRPC at DEBUG)."""
     servicer = RecommenderServicer(Metrics())
-    request = pb.GenerateRequest(num_items=1) if method == "Generate" else (
-        pb.AppendEventsRequest(user_id="1") if method == "AppendEvents" else pb.RecommendRequest(user_id="1", top_k=1))
+    request = {"Generate": pb.GenerateRequest(num_items=1), "AppendEvents": pb.AppendEventsRequest(user_id="1"),
+               "SearchItems": pb.SearchItemsRequest(query="x")}.get(method, pb.RecommendRequest(user_id="1", top_k=1))
 
     async def call() -> None:
         reply = getattr(servicer, method)(request, FinishedRpc())
