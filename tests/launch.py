@@ -76,3 +76,8 @@ def step_losses(run: Path) -> dict[int, float]:
 
 def epoch_records(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def summary(run: Path) -> dict[str, float]:
+    """The numbers of a run's metrics.json (its other entries name the protocol, e.g. exclude_seen)."""
+    return {k: v for k, v in json.loads((run / "metrics.json").read_text()).items() if isinstance(v, int | float)}

@@ -92,7 +92,7 @@ def test_predictions_frame_maps_dense_ids_to_raw_ones_and_adds_history_lengths()
     dataset = PreparedDataset.from_interactions(Interactions(frame, "hand", None, "0" * 64), "hand")
     assert dataset.raw_users.tolist() == ["u1", "u2"] and dataset.items["raw_item"].tolist() == [101, 102, 103, 104]
     result = EvalResult(
-        metrics={}, user_ids=torch.tensor([1, 0]),  # out of order: rows come back sorted by user
+        metrics={}, window_metrics={}, user_ids=torch.tensor([1, 0]),  # out of order: sorted by user on return
         targets=torch.tensor([4, 3]), topk=torch.tensor([[1, 3], [4, 1]]), ranks=torch.tensor([3, 1]),
         target_scores=torch.tensor([0.5, 0.9]), topk_scores=torch.tensor([[0.8, 0.7], [0.9, 0.2]]),
     )
