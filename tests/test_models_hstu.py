@@ -100,10 +100,27 @@ def test_jagged_batch_equals_sequences_one_at_a_time() -> None:
         torch.testing.assert_close(batched[s:e], alone, atol=1e-6, rtol=1e-5)
 
 
-def test_outputs_are_unit_norm() -> None:
-    hstu = HSTU(CONFIG).eval()
-    x, ts, offsets = jagged_inputs([3, 2], d=8)
-    torch.testing.assert_close(hstu(x, ts, offsets).norm(dim=-1), torch.ones(5))
+def test_encoder_is_its_input_layer_then_its_blocks_in_turn_then_l2_normalised() -> None:
+    torch.manual_seed(0)
+    hstu = HSTU(CONFIG.replace(num_blocks=2)).eval()
+    with torch.no_grad():  # as in the block test: large enough that a wrong order or a skipped block shows
+        for block in hstu.blocks:
+            block.uvqk.normal_(std=0.5)
+            block.time_weights.normal_(std=0.5)
+    lengths = [3, 1, 2]
+    x, ts, offsets = jagged_inputs(lengths, d=8, seed=2)
+
+    got = hstu(x, ts, offsets)
+
+    with torch.no_grad():
+        h = hstu.input(x, offsets)
+        padded_h, padded_ts = torch.zeros(3, 3, 8), torch.zeros(3, 3, dtype=torch.long)
+        for b, (s, e) in enumerate(zip(offsets[:-1].tolist(), offsets[1:].tolist(), strict=True)):
+            padded_h[b, : e - s], padded_ts[b, : e - s] = h[s:e], ts[s:e]
+        for block in hstu.blocks:
+            padded_h = reference_block(block, padded_h, padded_ts, lengths)
+        want = torch.cat([padded_h[b, :n] for b, n in enumerate(lengths)])
+    torch.testing.assert_close(got, want / want.norm(dim=-1, keepdim=True), atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("change", ["item", "timestamp"])
