@@ -177,9 +177,11 @@ class SplitDataset(Dataset[SeqBatch]):
         starts, ends = self.starts[real], self.targets[real]
         lengths = ends - starts
         index = _ranges(starts, ends)
-        items, timestamps = self.sequences.items[index], self.sequences.timestamps[index]
-        ratings = self.sequences.ratings[index]
-        targets, users = self.sequences.items[ends], self.users[real]
+        # The arrays may be memory-mapped files with int32 items: gathers copy, and ids go to int64.
+        items = self.sequences.items[index].astype(np.int64, copy=False)
+        timestamps = np.asarray(self.sequences.timestamps[index], dtype=np.int64)
+        ratings = np.asarray(self.sequences.ratings[index], dtype=np.float32)
+        targets, users = self.sequences.items[ends].astype(np.int64, copy=False), self.users[real]
         if pad:
             ones, zeros = np.ones(pad, dtype=np.int64), np.zeros(pad, dtype=np.int64)
             items, timestamps = np.concatenate([items, zeros]), np.concatenate([timestamps, zeros])
@@ -190,7 +192,7 @@ class SplitDataset(Dataset[SeqBatch]):
         if self.firsts is not None and (self.starts[real] > self.firsts[real]).any():
             firsts = self.firsts[real]
             seen_lengths = np.concatenate([ends - firsts, np.zeros(pad, dtype=np.int64)])
-            seen_ids = self.sequences.items[_ranges(firsts, ends)]
+            seen_ids = self.sequences.items[_ranges(firsts, ends)].astype(np.int64, copy=False)
         lengths_t = torch.from_numpy(lengths)
         return SeqBatch(
             features=make_features(

@@ -1,4 +1,4 @@
-"""Preprocessing (drops, stable sort, dense ids), the Parquet cache and the CLI."""
+"""Preprocessing (drops, stable sort, dense ids), the prepared files and the CLI."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from data.formats import FileSource, MalformedFileError
 from data.interactions import Interactions
 from data.manifest import FORMAT_VERSION, Manifest
 from data.prepare import PreparedDataset, prepare, summary_line
-from data.sequences import index_interactions
+from data.streaming import EmptyDatasetError
 from data.synthetic import SyntheticConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -96,18 +96,18 @@ def test_ties_keep_file_order_against_a_reference() -> None:
 
 def test_dense_ids_do_not_depend_on_row_order() -> None:
     rows = [(u, i, t, 1.0) for u, i, t in [(5, 30, 1), (5, 10, 2), (7, 20, 3), (7, 30, 4), (5, 20, 5)]]
-    a = index_interactions(interactions_of(rows))
-    b = index_interactions(interactions_of(rows[::-1]))
+    a = PreparedDataset.from_interactions(interactions_of(rows), "a")
+    b = PreparedDataset.from_interactions(interactions_of(rows[::-1]), "b")
     pd.testing.assert_frame_equal(a.items, b.items)
-    np.testing.assert_array_equal(a.sequences.items, b.sequences.items)
+    np.testing.assert_array_equal(a.packed.items, b.packed.items)
     assert a.items["item_id"].tolist() == [1, 2, 3]
 
 
 def test_empty_and_too_short_datasets_fail_clearly() -> None:
-    with pytest.raises(ValueError, match="empty"):
-        index_interactions(interactions_of([]))
-    with pytest.raises(ValueError, match="no user has 2 or more interactions"):
-        index_interactions(interactions_of([(1, 1, 1, 1.0), (2, 1, 1, 1.0), (2, 1, 1, 1.0)]))
+    with pytest.raises(EmptyDatasetError, match="empty"):
+        PreparedDataset.from_interactions(interactions_of([]), "empty")
+    with pytest.raises(EmptyDatasetError, match="no user has 2 or more interactions"):
+        PreparedDataset.from_interactions(interactions_of([(1, 1, 1, 1.0), (2, 1, 1, 1.0), (2, 1, 1, 1.0)]), "short")
 
 
 # --- the cache ----------------------------------------------------------------------------------
@@ -128,7 +128,8 @@ def test_cache_round_trip_and_no_work_on_rerun(
     built = prepare(slice_copy, root)
     out = root / "ml-latest-small"
     assert not built.from_cache and {p.name for p in out.iterdir()} == {
-        "sequences.parquet", "items.parquet", "manifest.json"
+        "offsets.npy", "items.npy", "timestamps.npy", "ratings.npy", "users.parquet", "items.parquet",
+        "manifest.json",
     }  # fmt: skip
     mtimes = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
 
@@ -141,7 +142,7 @@ def test_cache_round_trip_and_no_work_on_rerun(
     assert again.from_cache and "inputs unchanged, using the cache" in caplog.text
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == mtimes
     # What comes back is what was built.
-    for field in ("offsets", "items", "timestamps"):
+    for field in ("offsets", "items", "timestamps", "ratings"):
         np.testing.assert_array_equal(getattr(again.packed, field), getattr(built.packed, field))
     assert again.raw_users.tolist() == built.raw_users.tolist()
     pd.testing.assert_frame_equal(again.items, built.items)
@@ -238,9 +239,10 @@ def test_bad_input_loses_nothing(slice_copy: Path, tmp_path: Path) -> None:
 def test_missing_cache_file_rebuilds(slice_copy: Path, tmp_path: Path) -> None:
     root = tmp_path / "datasets"
     prepare(slice_copy, root)
-    (root / "ml-latest-small" / "items.parquet").unlink()
-    rebuilt = prepare(slice_copy, root)
-    assert not rebuilt.from_cache and (root / "ml-latest-small" / "items.parquet").is_file()
+    for name in ("items.parquet", "timestamps.npy"):
+        (root / "ml-latest-small" / name).unlink()
+        rebuilt = prepare(slice_copy, root)
+        assert not rebuilt.from_cache and (root / "ml-latest-small" / name).is_file()
 
 
 # --- the CLI on bad input -----------------------------------------------------------------------
