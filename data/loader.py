@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from data.batch import SeqBatch, make_features
 from data.sequences import UserSequences
-from data.splits import SeenItems, Split, history_bounds
+from data.splits import SeenItems, Split, SplitConfig, split_targets, window_start
 
 if TYPE_CHECKING:  # only a type here; importing it would pull in the file readers
     from data.prepare import PreparedDataset
@@ -144,18 +144,16 @@ class SplitDataset(Dataset[SeqBatch]):
         seed: int = 0,
         epoch: int = 0,
         seen: SeenItems = SeenItems.WINDOW,
+        split_config: SplitConfig | None = None,
     ) -> None:
         if num_negatives < 0 or (num_negatives > 0 and num_items < 1):
             raise ValueError(f"cannot draw {num_negatives} negatives from {num_items} items")
         self.sequences, self.split = sequences, Split(split)
         self.num_items, self.num_negatives = num_items, num_negatives
         self.seed, self.epoch = seed, epoch
-        start, target = history_bounds(
-            sequences.lengths,
-            self.split,
-            max_len,
-            exclude_validation_from_train=exclude_validation_from_train,
-        )
+        target = split_targets(sequences, self.split, split_config or SplitConfig(),
+                               exclude_validation_from_train=exclude_validation_from_train)
+        start = window_start(target, max_len)
         eligible = target >= 1
         self.users = np.flatnonzero(eligible)
         # Absolute positions in sequences.items: history is [starts, targets), the target at targets.
@@ -246,11 +244,13 @@ def make_dataloader(
     start_batch: int = 0,
     exclude_validation_from_train: bool = False,
     seen: SeenItems = SeenItems.WINDOW,
+    split_config: SplitConfig | None = None,
 ) -> DataLoader:
     """One epoch of ``SeqBatch``es for ``rank`` of ``world_size`` (see the module docstring).
 
     ``shuffle`` defaults to True for train and must stay off (as must negatives) for eval splits.
     ``seen``: under ``SeenItems.HISTORY`` eval batches carry each row's whole history (``SeqBatch.seen``).
+    ``split_config``: leave-one-out (None, the default) or temporal (``data.splits``).
     ``len(loader)`` is the number of batches still to come; with ``start_batch=0`` it is the
     epoch's length, the same on every rank.
     """
@@ -269,6 +269,7 @@ def make_dataloader(
         seed=seed,
         epoch=epoch,
         seen=seen,
+        split_config=split_config,
     )
     if split_data.skipped:
         log.info("%s %s split: skipped %d users too short for it", dataset.name, split, split_data.skipped)
