@@ -862,10 +862,10 @@ class FileSource(DatasetSource):
         """What of ``options`` applies to this file's format (recorded in the manifest)."""
         o = self.options
         if self.format in FIXED_FORMATS:
-            return {"format": self.format.value, "implicit": o.implicit}
+            return {"format": self.format.value}
         mapping = {"user": o.columns.user, "item": o.columns.item, "timestamp": o.columns.timestamp,
                    "rating": o.columns.rating, "event_type": o.columns.event_type}
-        out: dict[str, object] = {"format": self.format.value, "implicit": o.implicit, "columns": mapping}
+        out: dict[str, object] = {"format": self.format.value, "columns": mapping}
         if self.format is Format.CSV:
             out |= {"id_type": o.id_type.value, "delimiter": o.delimiter, "column_names": list(o.column_names)}
         return out

@@ -495,4 +495,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Through the imported module, not this __main__ copy: a training config builds its DatasetSpec
+    # from data.prepare, and isinstance() must know it.
+    from data import prepare as _module
+
+    _module.main()

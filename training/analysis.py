@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from data.batch import SeqBatch
+from data.sequences import UserSequences
 from models.metrics import ranking_metrics
 
 POPULAR_SHARE = 0.01
@@ -55,6 +56,24 @@ def item_popularity(sequences: Iterable[np.ndarray], num_items: int, *, drop_las
     parts = [np.asarray(s, dtype=np.int64)[: max(len(s) - drop_last, 0)] for s in sequences]
     events = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
     return np.bincount(events, minlength=num_items + 1).astype(np.int64)
+
+
+def packed_item_popularity(packed: UserSequences, num_items: int, train_lengths: np.ndarray, *,
+                           chunk_users: int = 1 << 18) -> np.ndarray:
+    """``item_popularity`` over packed sequences (possibly memory-mapped): user u's training events are
+    the first ``train_lengths[u]`` (clipped to [0, length]) of its sequence. Reads ``chunk_users`` users
+    at a time, so memory stays bounded whatever the number of events."""
+    counts = np.zeros(num_items + 1, dtype=np.int64)
+    offsets = np.asarray(packed.offsets)
+    lengths = np.clip(np.asarray(train_lengths, dtype=np.int64), 0, np.diff(offsets))
+    for lo in range(0, len(packed), chunk_users):
+        hi = min(lo + chunk_users, len(packed))
+        first, n = offsets[lo], lengths[lo:hi]
+        block = np.asarray(packed.items[first : offsets[hi]])
+        starts = offsets[lo:hi] - first
+        index = np.repeat(starts - (np.cumsum(n) - n), n) + np.arange(int(n.sum()))
+        counts += np.bincount(block[index], minlength=num_items + 1)
+    return counts
 
 
 def popularity_ranking(counts: np.ndarray) -> np.ndarray:

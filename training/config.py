@@ -20,7 +20,10 @@ from typing import Any
 
 import yaml
 
-from data.splits import SeenItems
+from data.formats import Columns, IdType, ReadOptions
+from data.prepare import DatasetSpec
+from data.splits import SeenItems, SplitConfig
+from data.streaming import KCore
 from data.synthetic import SyntheticConfig
 from models.config import ModelConfig
 
@@ -70,10 +73,37 @@ class EmbeddingKernel(enum.StrEnum):
 @dataclass
 class DataConfig:
     dataset: str = "ml-1m"
-    """A dataset name known to ``data.prepare`` or a path to a ratings file."""
+    """"ml-1m", "synthetic", or the path of an event file (csv, Parquet, a MovieLens/Amazon/RecBole
+    format). ``python -m data.prepare --config <this file>`` prepares it (``make train`` does, first);
+    training only opens it."""
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     """Its size and shape when ``dataset`` is "synthetic" (``data.synthetic.SyntheticConfig``)."""
     root: str = "datasets"
+    name: str = ""
+    """The prepared dataset's folder under ``root``; "" names it after the dataset."""
+    format: str = ""
+    """The file's format (``data.formats.Format``: movielens-csv, movielens-dat, amazon-csv, recbole-inter,
+    csv, parquet); "" tells it from the file."""
+    columns: Columns = field(default_factory=Columns)
+    """csv/Parquet: which column holds user, item, timestamp, rating ("": a column named "rating" if
+    any, else implicit feedback) and event_type ("": none) (``data.formats.Columns``)."""
+    implicit: bool = False
+    """Ignore any rating column: every event is an interaction."""
+    event_types: list[str] = field(default_factory=list)
+    """Keep only events of these types (needs ``columns.event_type``); empty keeps all."""
+    id_type: IdType = IdType.STRING
+    """csv: ids as strings (exact) or "int" (faster, numeric order; leading zeros are lost)."""
+    delimiter: str = ","
+    """csv: the field delimiter."""
+    column_names: list[str] = field(default_factory=list)
+    """csv without a header line: its column names."""
+    min_user_events: int = 2
+    """The k-core filter: users with fewer events are dropped, and items with fewer than
+    ``min_item_events``, repeatedly until none falls short (``data.sequences``). 2 is the least a
+    leave-one-out split can use."""
+    min_item_events: int = 1
+    split: SplitConfig = field(default_factory=SplitConfig)
+    """Leave-one-out (default) or temporal, by two cut times (``data.splits``)."""
     max_len: int = 200
     batch_size: int = 128
     """The global batch: split evenly over the ranks, so a config trains the same model on any number."""
@@ -88,6 +118,14 @@ class DataConfig:
     (``data.splits.SeenItems``). Evaluation, predictions and the export (the server's default) use it;
     evaluation also reports the window's numbers (generative-recommenders' protocol) as ``window/*``."""
     num_workers: int = 0
+
+    def spec(self) -> DatasetSpec:
+        """The dataset to prepare and open: everything above that decides what the prepared files hold."""
+        read = ReadOptions(columns=self.columns, implicit=self.implicit, id_type=self.id_type,
+                           delimiter=self.delimiter, column_names=tuple(self.column_names))
+        return DatasetSpec(dataset=self.dataset, root=self.root, name=self.name, format=self.format, read=read,
+                           event_types=tuple(self.event_types), kcore=KCore(self.min_user_events, self.min_item_events),
+                           synthetic=self.synthetic)
 
 
 @dataclass
@@ -223,6 +261,10 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     if origin is dict:
         _, vt = typing.get_args(tp)
         return {k: _coerce(vt, v, f"{where}.{k}") for k, v in (value or {}).items()}
+    if origin is list:
+        (vt,) = typing.get_args(tp)
+        items = value if isinstance(value, list) else [] if value is None else [value]
+        return [_coerce(vt, v, f"{where}[{i}]") for i, v in enumerate(items)]
     if origin is tuple:
         return tuple(_coerce(t, v, where) for t, v in zip(typing.get_args(tp), value, strict=True))
     if tp is float and isinstance(value, int | float | str) and not isinstance(value, bool):

@@ -48,8 +48,8 @@ import torch.distributed as dist
 
 from data.batch import SeqBatch
 from data.loader import make_dataloader
-from data.prepare import PreparedDataset, prepare
-from data.splits import Split, target_positions
+from data.prepare import PreparedDataset, open_prepared
+from data.splits import Split, SplitConfig, split_targets
 from models.config import EncoderType
 from models.metrics import RankingMetrics, target_ranks
 from models.recommender import GenerativeRecommender
@@ -155,11 +155,13 @@ def _gather_rows(*tensors: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
 
 
 def predictions_frame(
-    result: EvalResult, dataset: PreparedDataset, *, detailed: bool = False, split: Split = Split.TEST
+    result: EvalResult, dataset: PreparedDataset, *, detailed: bool = False, split: Split = Split.TEST,
+    split_config: SplitConfig | None = None,
 ) -> pd.DataFrame:
     """One row per user, ordered by dense user index: raw ``user_id``, raw ``target_item`` and ``topk``
     (raw item ids, best first). ``detailed`` adds ``rank``, ``history_length`` (events before the
-    target in ``split``, before truncation to ``max_len``), ``target_score`` and ``topk_scores``."""
+    target in ``split`` under ``split_config``, before truncation to ``max_len``), ``target_score`` and
+    ``topk_scores``."""
     assert result.topk is not None and result.user_ids is not None and result.targets is not None
     # Dense item ids are 1..num_items in order, so dense id i is row i - 1 (0, padding, never appears);
     # indexing the column itself keeps its dtype (a None slot for padding would turn int ids to float).
@@ -174,7 +176,7 @@ def predictions_frame(
     if detailed:
         assert result.ranks is not None and result.target_scores is not None and result.topk_scores is not None
         frame["rank"] = result.ranks[order].numpy()
-        frame["history_length"] = target_positions(dataset.packed.lengths[users], split)
+        frame["history_length"] = split_targets(dataset.packed, split, split_config or SplitConfig())[users]
         frame["target_score"] = result.target_scores[order].numpy()
         frame["topk_scores"] = list(result.topk_scores[order].numpy())
     return frame
@@ -202,6 +204,7 @@ def eval_loader(cfg: TrainConfig, dataset: PreparedDataset, ctx: DistContext):
         num_workers=cfg.data.num_workers,
         exclude_validation_from_train=cfg.data.exclude_validation_from_train,
         seen=cfg.data.exclude_seen,
+        split_config=cfg.data.split,
     )
 
 
@@ -268,11 +271,11 @@ def find_sasrec_run(run_dir: Path, cfg: TrainConfig) -> Path | None:
 
 
 def summarize(
-    result: EvalResult, dataset: PreparedDataset, popular: np.ndarray
+    result: EvalResult, dataset: PreparedDataset, popular: np.ndarray, split_config: SplitConfig | None = None
 ) -> tuple[dict[str, Any], pd.DataFrame]:
     """(metrics.json entry, detailed predictions) of one model's test evaluation."""
     assert result.topk is not None and result.ranks is not None
-    predictions = predictions_frame(result, dataset, detailed=True)
+    predictions = predictions_frame(result, dataset, detailed=True, split_config=split_config)
     topk = result.topk.numpy()
     summary: dict[str, Any] = {f"test/{k}": v for k, v in result.metrics.items()}
     summary |= {f"test/window/{k}": v for k, v in result.window_metrics.items()}
@@ -295,15 +298,16 @@ def evaluate_run(
     """Evaluates ``run_dir`` and its baselines on the test split, writes ``out_dir`` (default
     ``run_dir/eval``) and returns the metrics.json content (on rank 0; None on the others)."""
     cfg = load_config(run_dir / "config.yaml")
-    dataset = prepare(cfg.data.dataset, root=cfg.data.root, synthetic=cfg.data.synthetic)
+    dataset = open_prepared(cfg.data.spec())
     path = resolve_checkpoint(run_dir, checkpoint_name)
     # Coverage@10 needs at least 10 items per user; the lists otherwise follow the training-time length.
     topk = max(cfg.run.topk, BEYOND_K)
     log.info("evaluating %s (%s) on the %s test split", run_dir, path.name, dataset.name)
     results = {"model": evaluate_checkpoint(cfg, dataset, path, ctx, topk=topk, trust=trust)}
 
-    counts = analysis.item_popularity(dataset.sequences["item_ids"], dataset.num_items,
-                                      drop_last=2 if cfg.data.exclude_validation_from_train else 1)
+    train_ends = split_targets(dataset.packed, Split.TRAIN, cfg.data.split,
+                               exclude_validation_from_train=cfg.data.exclude_validation_from_train) + 1
+    counts = analysis.packed_item_popularity(dataset.packed, dataset.num_items, train_ends)
     popular = analysis.popular_items(counts)
     baseline = analysis.MostPopular(counts).to(ctx.device)
     results["most_popular"] = evaluate(baseline, eval_loader(cfg, dataset, ctx), dataset.num_items, ctx.device,
@@ -313,8 +317,7 @@ def evaluate_run(
     sasrec_info: dict[str, str] = {}
     if sasrec is not None:
         sasrec_cfg = load_config(sasrec / "config.yaml")
-        sasrec_data = prepare(sasrec_cfg.data.dataset, root=sasrec_cfg.data.root,
-                              synthetic=sasrec_cfg.data.synthetic)
+        sasrec_data = open_prepared(sasrec_cfg.data.spec())
         if sasrec_data.manifest.checksum != dataset.manifest.checksum:
             raise ValueError(f"baseline run {sasrec} was trained on other data than {run_dir}")
         sasrec_path = resolve_checkpoint(sasrec, "best")
@@ -329,7 +332,9 @@ def evaluate_run(
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.glob("predictions-*.parquet"):  # e.g. a SASRec baseline not evaluated this time
         stale.unlink()
-    test_targets = dataset.packed.items[dataset.packed.offsets[1:] - 1]  # each user's last event
+    test_at = split_targets(dataset.packed, Split.TEST, cfg.data.split)
+    tested = test_at >= 1
+    test_targets = np.asarray(dataset.packed.items[dataset.packed.offsets[:-1][tested] + test_at[tested]])
     progress = json.loads((path / "progress.json").read_text())
     report: dict[str, Any] = {
         "run": str(run_dir), "checkpoint": path.name, "checkpoint_step": progress["global_step"],
@@ -341,7 +346,7 @@ def evaluate_run(
         "predictions": "predictions.parquet", "baselines": {},
     }
     for name, result in results.items():
-        summary, predictions = summarize(result, dataset, popular)
+        summary, predictions = summarize(result, dataset, popular, cfg.data.split)
         file = "predictions.parquet" if name == "model" else f"predictions-{name}.parquet"
         predictions.to_parquet(out_dir / file, index=False)
         if name == "model":
