@@ -701,7 +701,7 @@ def _parquet_batch(path: Path, batch: pa.RecordBatch, roles: dict[str, str], bef
             bad = ~np.isfinite(values)
             if bad.any():
                 i = int(np.flatnonzero(bad)[0])
-                raise fail(i, f"{name} {values[i]!r} is not a finite number")
+                raise fail(i, f"{name} {float(values[i])!r} is not a finite number")
         columns[role] = column
     names = [n for n in ("user", "item", "timestamp", "rating", "event_type") if n in columns]
     return pa.RecordBatch.from_arrays([columns[n] for n in names], names=names)

@@ -54,6 +54,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from data import formats
 from data.formats import Columns, FileSource, Format, IdType, ReadOptions
 from data.interactions import DatasetSource, EventStream, Interactions
 from data.manifest import FORMAT_VERSION, Manifest
@@ -465,6 +466,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--force", action="store_true", help="rebuild even when the cache is valid")
     parser.add_argument("--partition-events", type=int, default=PARTITION_EVENTS,
                         help=f"events sorted at once: bounds the memory (default {PARTITION_EVENTS:,})")
+    parser.add_argument("--block-mb", type=int, default=formats.BLOCK_BYTES >> 20,
+                        help="MB of csv text parsed at once (default %(default)s)")
     read = parser.add_argument_group("csv and parquet files (data.formats.Columns, ReadOptions)")
     for role, default in (("user", "user"), ("item", "item"), ("timestamp", "timestamp"), ("rating", ""),
                           ("event-type", "")):
@@ -490,6 +493,7 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+    formats.BLOCK_BYTES = args.block_mb << 20
     dataset = prepare(spec, force=args.force, partition_events=args.partition_events)
     print(summary_line(dataset))
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import math
 import shutil
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,7 +82,14 @@ class EmptyDatasetError(ValueError):
 # --- raw ids -> codes ---------------------------------------------------------------------------
 class _Ids:
     """The distinct raw ids of one column (int64 or string), collected batch by batch; then each raw
-    id's code, its rank among them."""
+    id's code, its rank among them.
+
+    Integer ids within a range of ``MAX_DENSE_RANGE`` (MovieLens-like 1..n) are marked in a table of
+    one byte per id of the range; others are merged as sorted arrays (np.unique), strings as Arrow
+    arrays (hash-based unique, then one sort). Memory: one entry per distinct id (or per id of the range).
+    """
+
+    MAX_DENSE_RANGE = 1 << 28
 
     def __init__(self, what: str) -> None:
         self.what = what
@@ -90,8 +98,9 @@ class _Ids:
         self._pending = 0
         self._sorted_ints = np.zeros(0, dtype=np.int64)
         self._sorted_strings: pa.Array | None = None
+        self._present: np.ndarray | None = np.zeros(0, dtype=bool)  # None once the range is too wide
+        self._base = 0
         self._lut: np.ndarray | None = None
-        self._lut_base = 0
 
     def _kind(self, column: pa.Array) -> None:
         strings = not pa.types.is_integer(column.type)
@@ -102,11 +111,37 @@ class _Ids:
 
     def add(self, column: pa.Array) -> None:
         self._kind(column)
-        unique = pc.unique(column).cast(pa.large_string()) if self.strings else np.unique(column.to_numpy())
+        if self.strings:
+            unique = pc.unique(column).cast(pa.large_string())
+        else:
+            values = column.to_numpy()
+            if self._present is not None and self._mark(values):
+                return
+            unique = np.unique(values)
         self._parts.append(unique)
         self._pending += len(unique)
-        if self._pending > max(4 * self._size(), 1 << 22):
+        if self._pending > max(2 * self._size(), 1 << 22):
             self._compact()
+
+    def _mark(self, values: np.ndarray) -> bool:
+        """Marks the ids in the dense table; False (and no table from now on) when the range is too wide."""
+        assert self._present is not None
+        if len(values) == 0:
+            return True
+        lo, hi = int(values.min()), int(values.max())
+        if len(self._present):
+            lo, hi = min(lo, self._base), max(hi, self._base + len(self._present) - 1)
+        if hi - lo + 1 > self.MAX_DENSE_RANGE:
+            self._parts.append(np.flatnonzero(self._present) + self._base)
+            self._pending += len(self._parts[-1])
+            self._present = None
+            return False
+        if not len(self._present) or lo < self._base or hi >= self._base + len(self._present):
+            grown = np.zeros(hi - lo + 1, dtype=bool)
+            grown[self._base - lo : self._base - lo + len(self._present)] = self._present
+            self._present, self._base = grown, lo
+        self._present[values - self._base] = True
+        return True
 
     def _size(self) -> int:
         return len(self._sorted_ints) if not self.strings else len(self._sorted_strings or [])
@@ -117,25 +152,27 @@ class _Ids:
                                        *self._parts], pa.large_string())
             unique = pc.unique(merged) if merged.num_chunks else pa.array([], pa.large_string())
             self._sorted_strings = unique.combine_chunks() if isinstance(unique, pa.ChunkedArray) else unique
-        else:
+        elif self._parts:
             self._sorted_ints = np.unique(np.concatenate([self._sorted_ints, *self._parts]))
         self._parts, self._pending = [], 0
 
     def finish(self) -> int:
         """Sorts the ids; returns how many there are."""
-        self._compact()
         if self.strings:
+            self._compact()
             ids = self._sorted_strings if self._sorted_strings is not None else pa.array([], pa.large_string())
             # Arrow orders strings by their UTF-8 bytes: code-point order, as Python's sort.
             self._sorted_strings = ids.take(pc.sort_indices(ids))
             return len(self._sorted_strings)
-        ids = self._sorted_ints
-        # A lookup table when the ids are dense enough (MovieLens-like 1..n): one gather per event.
-        if len(ids) and int(ids[-1]) - int(ids[0]) < 4 * len(ids) + (1 << 20):
-            self._lut_base = int(ids[0])
-            self._lut = np.full(int(ids[-1]) - self._lut_base + 1, -1, dtype=np.int64)
-            self._lut[ids - self._lut_base] = np.arange(len(ids))
-        return len(ids)
+        if self._present is not None:
+            self._sorted_ints = np.flatnonzero(self._present) + self._base
+            # A lookup table when the ids are dense enough: one gather per event.
+            if len(self._present) <= 4 * len(self._sorted_ints) + (1 << 20):
+                self._lut = np.cumsum(self._present, dtype=np.int64) - 1
+            self._present = None
+        else:
+            self._compact()
+        return len(self._sorted_ints)
 
     def codes(self, column: pa.Array) -> np.ndarray:
         """[n] int64 code of each raw id (every id was ``add``-ed before)."""
@@ -147,7 +184,7 @@ class _Ids:
             return positions[encoded.indices.to_numpy(zero_copy_only=False)]
         values = column.to_numpy()
         if self._lut is not None:
-            return self._lut[values - self._lut_base]
+            return self._lut[values - self._base]
         # Sorted queries walk the table in order: much faster than random ones on a large table.
         order = np.argsort(values, kind="stable")
         out = np.empty(len(values), dtype=np.int64)
@@ -248,6 +285,7 @@ class _Build:
 
     def run(self) -> Built:
         name = self.stream.source
+        clock = _Clock(name)
         # --- pass 1: the distinct ids ---
         rows = filtered = 0
         types: set[str] = set()
@@ -270,7 +308,7 @@ class _Build:
         raw_counts = Counts(rows, num_users, num_items)
         if self.stream.check_counts is not None:
             self.stream.check_counts(raw_counts)
-        log.info("%s: read %d events, %d users, %d items", name, *raw_counts)
+        clock.lap("read {} events, {} users, {} items".format(*raw_counts))
 
         # --- pass 2: codes, spilled by user range ---
         parts = max(1, math.ceil(rows / self.partition_events))
@@ -278,6 +316,7 @@ class _Build:
         if spilled != rows:
             raise RuntimeError(f"{name}: read {rows} events, then {spilled}: the input changed while it was "
                                "being prepared")
+        clock.lap(f"spilled to {parts} partition(s) by user")
 
         # --- pass 3: sort, drop duplicates, count ---
         user_counts = np.zeros(num_users, dtype=np.int64)
@@ -287,6 +326,7 @@ class _Build:
             duplicates += self._sort_partition(p, parts, num_users, user_counts, item_counts)
         if duplicates:
             log.warning("%s: dropped %d exact duplicate rows", name, duplicates)
+        clock.lap("sorted by (user, time)")
 
         # --- pass 4: the k-core filter ---
         keep_user, keep_item, dropped = self._kcore(parts, user_counts, item_counts, duplicates, filtered)
@@ -295,8 +335,10 @@ class _Build:
                                     + ("" if self.kcore.min_item_events <= 1 else
                                        f" on items with {self.kcore.min_item_events} or more"))
 
+        clock.lap(f"k-core filter: {dropped.kcore_rounds} round(s)")
         # --- pass 5: the output ---
         counts = self._write(parts, keep_user, keep_item, user_counts)
+        clock.lap("wrote {} events, {} users, {} items".format(*counts))
         return Built(raw_counts, counts, dropped, bool(self.has_ratings))
 
     def _part_path(self, kind: str, p: int, column: str) -> Path:
@@ -344,7 +386,7 @@ class _Build:
         users, stamps = spill["user"], spill["timestamp"]
         if len(users) == 0:
             return 0
-        order = np.lexsort((stamps, users))  # stable: ties keep file order
+        order = _by_user_then_time(users, stamps)
         del users, stamps
         for c in list(spill):  # one column at a time, so at most one extra copy is alive
             spill[c] = spill[c][order]
@@ -454,6 +496,39 @@ class _Build:
         pq.write_table(pa.table({"item_id": pa.array(np.arange(1, num_items + 1, dtype=np.int64)),
                                  "raw_item": raw_items, "title": titles}), self.out / ITEMS_TABLE)
         return Counts(total, len(lengths), num_items)
+
+
+def _by_user_then_time(users: np.ndarray, stamps: np.ndarray) -> np.ndarray:
+    """The order of events by (user, timestamp), ties in their current (file) order.
+
+    One 64-bit key when the values fit: with the position as its last bits, every key is distinct and
+    an unstable sort (numpy's fastest) keeps ties in order; else (user, time) and a stable sort; else
+    lexsort."""
+    n = len(users)
+    first, t0 = int(users.min()), int(stamps.min())
+    user_bits = (int(users.max()) - first).bit_length()
+    time_bits = (int(stamps.max()) - t0).bit_length()
+    pos_bits = max(n - 1, 0).bit_length()
+    if user_bits + time_bits + pos_bits <= 63:
+        key = ((users.astype(np.int64) - first) << (time_bits + pos_bits)) | ((stamps - t0) << pos_bits)
+        key |= np.arange(n, dtype=np.int64)
+        key.sort()
+        key &= (1 << pos_bits) - 1
+        return key
+    if user_bits + time_bits <= 63:
+        key = ((users.astype(np.int64) - first) << time_bits) | (stamps - t0)
+        return np.argsort(key, kind="stable")
+    return np.lexsort((stamps, users))
+
+
+class _Clock:
+    def __init__(self, name: str) -> None:
+        self.name, self.start = name, time.perf_counter()
+
+    def lap(self, what: str) -> None:
+        now = time.perf_counter()
+        log.info("%s: %s (%.1f s)", self.name, what, now - self.start)
+        self.start = now
 
 
 def _not_duplicates(spill: dict[str, np.ndarray]) -> np.ndarray:
