@@ -255,19 +255,6 @@ def _read_raw_users(directory: Path) -> pd.Series:
 
 
 # --- prepare ------------------------------------------------------------------------------------
-def resolve_source(
-    dataset: str | Path,
-    root: Path | str = "datasets",
-    *,
-    fmt: Format | str | None = None,
-    name: str | None = None,
-    synthetic: SyntheticConfig | None = None,
-) -> DatasetSource:
-    """"ml-1m" (downloaded), "synthetic" (generated), or the path of an event file or its folder."""
-    spec = DatasetSpec(str(dataset), str(root), name or "", str(fmt or ""), synthetic=synthetic or SyntheticConfig())
-    return spec.source()
-
-
 def prepare(
     dataset: str | Path | DatasetSource | DatasetSpec = "ml-1m",
     root: Path | str = "datasets",
