@@ -145,6 +145,7 @@ class SplitDataset(Dataset[SeqBatch]):
         epoch: int = 0,
         seen: SeenItems = SeenItems.WINDOW,
         split_config: SplitConfig | None = None,
+        sample_users: int = 0,
     ) -> None:
         if num_negatives < 0 or (num_negatives > 0 and num_items < 1):
             raise ValueError(f"cannot draw {num_negatives} negatives from {num_items} items")
@@ -155,11 +156,16 @@ class SplitDataset(Dataset[SeqBatch]):
                                exclude_validation_from_train=exclude_validation_from_train)
         start = window_start(target, max_len)
         eligible = target >= 1
+        if 0 < sample_users < eligible.sum():
+            # A fixed sample (the seed's, not the epoch's), so every epoch validates the same users.
+            chosen = np.random.default_rng(seed).choice(np.flatnonzero(eligible), sample_users, replace=False)
+            eligible = np.zeros_like(eligible)
+            eligible[chosen] = True
         self.users = np.flatnonzero(eligible)
         # Absolute positions in sequences.items: history is [starts, targets), the target at targets.
         first = sequences.offsets[:-1][eligible]
         self.starts, self.targets = first + start[eligible], first + target[eligible]
-        self.skipped = len(sequences) - self.users.size
+        self.skipped = int((target < 1).sum())
         # Under SeenItems.HISTORY an eval row carries its whole history when it reaches past the window.
         self.firsts = first if self.split.is_eval and SeenItems(seen) is SeenItems.HISTORY else None
 
@@ -245,12 +251,14 @@ def make_dataloader(
     exclude_validation_from_train: bool = False,
     seen: SeenItems = SeenItems.WINDOW,
     split_config: SplitConfig | None = None,
+    sample_users: int = 0,
 ) -> DataLoader:
     """One epoch of ``SeqBatch``es for ``rank`` of ``world_size`` (see the module docstring).
 
     ``shuffle`` defaults to True for train and must stay off (as must negatives) for eval splits.
     ``seen``: under ``SeenItems.HISTORY`` eval batches carry each row's whole history (``SeqBatch.seen``).
     ``split_config``: leave-one-out (None, the default) or temporal (``data.splits``).
+    ``sample_users`` > 0: only a fixed random sample (by ``seed``) of that many of the split's users.
     ``len(loader)`` is the number of batches still to come; with ``start_batch=0`` it is the
     epoch's length, the same on every rank.
     """
@@ -270,6 +278,7 @@ def make_dataloader(
         epoch=epoch,
         seen=seen,
         split_config=split_config,
+        sample_users=sample_users,
     )
     if split_data.skipped:
         log.info("%s %s split: skipped %d users too short for it", dataset.name, split, split_data.skipped)

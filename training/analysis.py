@@ -161,17 +161,33 @@ def metrics_by_history_length(
 
     Returns one row per bucket: ``history_length`` (label), ``users``, ``hr@k``, ``ndcg@k``, ``mrr``.
     """
-    ranks_t = torch.tensor(np.asarray(ranks))  # a copy: columns of a DataFrame may be read-only
-    per_user = ranking_metrics(ranks_t, hr_ks=(k,), ndcg_ks=(k,))
-    frame = pd.DataFrame({name: values.numpy() for name, values in per_user.items()})
-    bins = [*edges, np.inf]
-    frame["history_length"] = pd.cut(
-        np.asarray(history_lengths), bins=bins, right=False, labels=bucket_labels(edges)
-    )
-    out = frame.groupby("history_length", observed=True).agg(
-        users=("mrr", "size"), **{f"hr@{k}": (f"hr@{k}", "mean"), f"ndcg@{k}": (f"ndcg@{k}", "mean")},
-        mrr=("mrr", "mean"),
-    )
-    out = out.reset_index()
-    out["history_length"] = out["history_length"].astype(str)
-    return out
+    return history_length_frame(history_length_totals(ranks, history_lengths, edges, k), edges, k)
+
+
+def history_length_totals(
+    ranks: np.ndarray | torch.Tensor,
+    history_lengths: np.ndarray | torch.Tensor,
+    edges: Sequence[int] = HISTORY_EDGES,
+    k: int = 10,
+) -> np.ndarray:
+    """[len(edges), 4] float64: per history-length bucket the users and their sums of HR@k, NDCG@k and
+    MRR. Sums, so that ranks holding different users add theirs up (``history_length_frame`` divides)."""
+    per_user = ranking_metrics(torch.tensor(np.asarray(ranks)), hr_ks=(k,), ndcg_ks=(k,))
+    bucket = np.searchsorted(np.asarray(edges), np.asarray(history_lengths), side="right") - 1
+    inside = bucket >= 0  # shorter than the first edge: in no bucket
+    totals = np.zeros((len(edges), 4))
+    np.add.at(totals[:, 0], bucket[inside], 1.0)
+    for column, name in enumerate((f"hr@{k}", f"ndcg@{k}", "mrr"), start=1):
+        np.add.at(totals[:, column], bucket[inside], per_user[name].numpy()[inside])
+    return totals
+
+
+def history_length_frame(totals: np.ndarray, edges: Sequence[int] = HISTORY_EDGES, k: int = 10) -> pd.DataFrame:
+    """``metrics_by_history_length``'s table from (possibly all-reduced) ``history_length_totals``."""
+    users = totals[:, 0]
+    filled = users > 0
+    means = totals[filled, 1:] / users[filled, None]
+    return pd.DataFrame({
+        "history_length": np.asarray(bucket_labels(edges))[filled], "users": users[filled].astype(np.int64),
+        f"hr@{k}": means[:, 0], f"ndcg@{k}": means[:, 1], "mrr": means[:, 2],
+    })

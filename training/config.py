@@ -109,6 +109,9 @@ class DataConfig:
     """The global batch: split evenly over the ranks, so a config trains the same model on any number."""
     eval_batch_size: int = 256
     """Per rank; evaluation results do not depend on it."""
+    valid_users: int = 0
+    """Validate each epoch on a fixed random sample of this many users (0: all of them), e.g. 100,000
+    of 10M users; the test pass always ranks every user."""
     num_negatives: int = 128
     """Size of the negative pool shared by all positions of a batch."""
     exclude_validation_from_train: bool = False

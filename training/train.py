@@ -154,6 +154,7 @@ class Trainer:
             exclude_validation_from_train=cfg.exclude_validation_from_train,
             seen=cfg.exclude_seen,
             split_config=cfg.split,
+            sample_users=cfg.valid_users if split is Split.VALID else 0,
         )
 
     def evaluate(self, split: Split, *, with_topk: int = 0):
@@ -332,8 +333,9 @@ def finish(t: Trainer) -> None:
                    **{f"test/{k}": v for k, v in result.metrics.items()},
                    **{f"test/window/{k}": v for k, v in result.window_metrics.items()}}
         (t.run_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
-        write_predictions(result, t.dataset, t.run_dir / "predictions.parquet")
         log.info("test: %s", "  ".join(f"{k}={v:.4f}" for k, v in result.metrics.items()))
+    if t.cfg.run.topk:
+        write_predictions(result, t.dataset, t.run_dir / "predictions.parquet")
     export_run(t.net, t.cfg, t.dataset, t.run_dir / "export", t.ctx, metrics=result.metrics)
     if t.ctx.is_main:
         log.info("run directory: %s", t.run_dir)
