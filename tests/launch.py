@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 240
 
 TINY = {
-    "data": {"dataset": "synthetic", "max_len": 20, "batch_size": 32, "eval_batch_size": 128,
+    "data": {"dataset": "synthetic", "batch_size": 32, "eval_batch_size": 128,
              "num_negatives": 64},
     "model": {"max_seq_len": 20, "embedding_dim": 16, "attention_dim": 8, "linear_dim": 8, "num_blocks": 2,
               "rating_embeddings": True},

@@ -108,7 +108,7 @@ def test_predictions_are_the_training_time_lists_plus_ranks(evaluated):
 @pytest.mark.parametrize("rule", ["history", "window"])
 def test_most_popular_baseline_equals_a_hand_computation(evaluated, rule):
     """Popularity from the training part of each sequence (all but the test target), ties to the smaller
-    id, the seen items removed (the run's rule: the whole history; ``window/``: the last max_len items,
+    id, the seen items removed (the run's rule: the whole history; ``window/``: the last max_seq_len items,
     generative-recommenders' protocol), the target always ranked: recomputed here in plain Python."""
     cfg = load_config(evaluated["hstu"] / "config.yaml")
     prepared = PreparedDataset.load(Path(cfg.data.root) / "synthetic")
@@ -121,7 +121,7 @@ def test_most_popular_baseline_equals_a_hand_computation(evaluated, rule):
     order = sorted(range(1, num_items + 1), key=lambda i: (-counts.get(i, 0), i))
     ranks, top10 = [], set()
     for seq in sequences:
-        before = seq[:-1] if rule == "history" else seq[:-1][-cfg.data.max_len:]
+        before = seq[:-1] if rule == "history" else seq[:-1][-cfg.model.max_seq_len:]
         history, target = {int(i) for i in before}, int(seq[-1])
         candidates = [i for i in order if i not in history or i == target]
         ranks.append(candidates.index(target) + 1)
@@ -139,7 +139,7 @@ def test_most_popular_baseline_equals_a_hand_computation(evaluated, rule):
         assert baseline["test/coverage@10"] == pytest.approx(len(top10) / num_items)
         predictions = pd.read_parquet(evaluated["hstu"] / "eval" / baseline["predictions"])
         assert predictions["rank"].tolist() == ranks
-    assert sum(len(seq) - 1 > cfg.data.max_len for seq in sequences) > 50  # the two rules differ here
+    assert sum(len(seq) - 1 > cfg.model.max_seq_len for seq in sequences) > 50  # the two rules differ here
 
 
 def test_report_breakdowns_add_up(evaluated):

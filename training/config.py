@@ -104,7 +104,6 @@ class DataConfig:
     min_item_events: int = 1
     split: SplitConfig = field(default_factory=SplitConfig)
     """Leave-one-out (default) or temporal, by two cut times (``data.splits``)."""
-    max_len: int = 200
     batch_size: int = 128
     """The global batch: split evenly over the ranks, so a config trains the same model on any number."""
     eval_batch_size: int = 256
@@ -235,9 +234,17 @@ def save_config(cfg: TrainConfig, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
+MOVED = {"data.max_len": "model.max_seq_len"}
+"""Keys that are gone, and where their knob lives now (one name per knob)."""
+
+
 def _build(cls: type, raw: dict[str, Any], where: str) -> Any:
     if not isinstance(raw, dict):
         raise ValueError(f"config section {where or '<root>'} must be a mapping, got {raw!r}")
+    for key in raw:
+        if (moved := MOVED.get(f"{where}{key}")) is not None:
+            raise ValueError(f"config key {where}{key} is gone: the sequence window is {moved}, read by data, "
+                             "training and serving alike; delete the key (and set that one)")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(raw) - names

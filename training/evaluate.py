@@ -19,7 +19,7 @@ they were):
 ``predictions-most_popular.parquet``, ``predictions-sasrec.parquet``. Each has the columns of the
 training-time file (``user_id``, ``target_item``, ``topk``: raw ids) plus ``rank`` (the exact rank of
 the target, the one the metrics use), ``history_length`` (events before the target, before truncation
-to ``max_len``), ``target_score`` and ``topk_scores``.
+to the model's ``max_seq_len``), ``target_score`` and ``topk_scores``.
 
 Baselines: most-popular (popularity = training interaction counts, see ``training.analysis``) always;
 SASRec from ``--baseline-run``, or by default ("auto") the sibling run directory (same parent folder)
@@ -135,7 +135,7 @@ def predictions_frame(
 ) -> pd.DataFrame:
     """One row per user, ordered by dense user index: raw ``user_id``, raw ``target_item`` and ``topk``
     (raw item ids, best first). ``detailed`` adds ``rank``, ``history_length`` (events before the
-    target in ``split`` under ``split_config``, before truncation to ``max_len``), ``target_score`` and
+    target in ``split`` under ``split_config``, before truncation to ``max_seq_len``), ``target_score`` and
     ``topk_scores``."""
     assert result.topk is not None and result.user_ids is not None and result.targets is not None
     # Dense item ids are 1..num_items in order, so dense id i is row i - 1 (0, padding, never appears);
@@ -198,7 +198,7 @@ def eval_loader(cfg: TrainConfig, dataset: PreparedDataset, ctx: DistContext):
         dataset,
         Split.TEST,
         batch_size=cfg.data.eval_batch_size,
-        max_len=cfg.data.max_len,
+        max_len=cfg.model.max_seq_len,
         num_negatives=0,
         shuffle=False,
         seed=cfg.run.seed,
