@@ -31,20 +31,22 @@ ARGS   ?=
 NPROC  ?= 1
 
 .PHONY: help venv protos data data-synthetic train test test-slow test-all lint eval serve notebook \
-        bench-kernel bench-train bench-scale bench-serve bench-engine clean
+        bench-kernel bench-train bench-scale bench-serve bench-engine bench-data clean
 
 help:
-	@echo "make train       download ML-1M, train HSTU ($(CONFIG)), evaluate, export   (ARGS='key=value ...', NPROC=)"
+	@echo "make train       prepare the dataset CONFIG names (ML-1M by default), train ($(CONFIG)), evaluate, export"
+	@echo "                 (ARGS='key=value ...', NPROC=)"
 	@echo "make test        the default test suite (what CI runs)"
 	@echo "make test-slow   the slow tests (network download, long training)"
 	@echo "make test-all    every test this machine can run (GPU tests skip without CUDA)"
 	@echo "make lint        ruff"
-	@echo "make data        download and preprocess MovieLens-1M"
+	@echo "make data        prepare the dataset CONFIG names (default: download and prepare MovieLens-1M)"
 	@echo "make data-synthetic  generate and preprocess the synthetic dataset (ARGS='--num-users N ...')"
 	@echo "make eval        evaluate a run (RUN=runs/<name>)"
 	@echo "make serve       gRPC server on 127.0.0.1:$(PORT) for ARTIFACT=$(ARTIFACT)"
 	@echo "make notebook    open notebooks/offline_evaluation.ipynb"
 	@echo "make bench-kernel | bench-train | bench-scale | bench-serve | bench-engine   (NPROC=, ARGS=)"
+	@echo "make bench-data  streaming data preparation at 10M / 30M / 100M synthetic events (ARGS=)"
 	@echo "make clean       caches and generated gRPC code (not .venv, datasets/ or runs/)"
 
 # --- environment -----------------------------------------------------------------------------
@@ -67,8 +69,10 @@ $(PROTO_OUT): protos/genrec/v1/recommender.proto $(STAMP)
 		protos/genrec/v1/recommender.proto
 
 # --- main jobs -------------------------------------------------------------------------------
+# The data section of CONFIG, with the data.* overrides of ARGS (training's --flags are left out).
+# A step of its own: training only opens what this prepared, and refuses to start without it.
 data: $(STAMP)
-	$(PY) -m data.prepare --dataset ml-1m
+	$(PY) -m data.prepare --config $(CONFIG) $(filter data.%,$(ARGS))
 
 data-synthetic: $(STAMP)
 	$(PY) -m data.prepare --dataset synthetic $(ARGS)
@@ -109,6 +113,7 @@ bench-train: data
 	$(PY) -m benchmarks.train --nproc $(NPROC) $(ARGS)
 
 bench-scale: $(STAMP)
+	$(PY) -m data.prepare --config configs/scale/hstu-10m.yaml
 	$(PY) -m benchmarks.train --suite scale --nproc $(NPROC) $(ARGS)
 
 bench-serve: $(STAMP) protos
@@ -116,6 +121,9 @@ bench-serve: $(STAMP) protos
 
 bench-engine: $(STAMP) protos
 	$(PY) -m benchmarks.engine $(ARGS)
+
+bench-data: $(STAMP)
+	$(PY) -m benchmarks.data $(ARGS)
 
 clean:
 	rm -rf .pytest_cache .ruff_cache protos/genrec/v1/*_pb2*.py protos/genrec/v1/*_pb2*.pyi

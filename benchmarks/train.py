@@ -169,7 +169,7 @@ def table(rows: list[dict], args: argparse.Namespace, ctx: DistContext, argv: li
     lines = [
         f"\nbench-train  {datetime.date.today()}  {ctx.world_size} x {card}  torch {torch.__version__}  "
         f"{args.config} {' '.join(args.overrides)}",
-        f"global batch {cfg.data.batch_size}, length {cfg.data.max_len}, d {m.embedding_dim}, {m.num_blocks} blocks x "
+        f"global batch {cfg.data.batch_size}, length {m.max_seq_len}, d {m.embedding_dim}, {m.num_blocks} blocks x "
         f"{m.num_heads} heads, {cfg.data.num_negatives} negatives; {args.steps} timed steps after {args.warmup}",
         f"{'variant':<16} {'median ms':>10} {'mean ms':>9} {'samples/s':>10} {'epoch s':>9}  peak GiB per rank",
     ]

@@ -1,6 +1,8 @@
-"""The interactions table every loader returns, and the contract a dataset source fulfils.
+"""The events a source provides, in memory or streamed, and the contract a dataset source fulfils.
 
-An ``Interactions`` is one in-memory pandas table, one row per event in the order the source wrote
+Preparation streams a source's events (``EventStream``: Arrow batches, read as often as needed), so a
+file of any size is prepared in bounded memory. For small data and tests, ``Interactions`` is one
+in-memory pandas table, one row per event in the order the source wrote
 them, with the raw ids exactly as the source spells them (ints for MovieLens, strings for Amazon):
 
     user       int64 | str   raw user id
@@ -20,12 +22,14 @@ from __future__ import annotations
 import hashlib
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 COLUMNS = ("user", "item", "timestamp", "rating")
 """The interactions table's columns, in this order."""
@@ -75,6 +79,53 @@ class Interactions:
     def counts(self) -> Counts:
         return Counts(len(self.frame), int(self.frame["user"].nunique()), int(self.frame["item"].nunique()))
 
+    def stream(self, batch_rows: int = 1 << 20) -> EventStream:
+        """The table as an ``EventStream`` (NaN ratings everywhere: implicit feedback, no rating column)."""
+        frame = self.frame
+        implicit = bool(np.isnan(frame["rating"].to_numpy()).all()) if len(frame) else False
+
+        def ids(column: pd.Series) -> pa.Array:
+            if column.dtype.kind in "iu":
+                return pa.array(column.to_numpy(dtype=np.int64))
+            return pa.array(column.astype(str).to_numpy(dtype=object), pa.string())
+
+        def batches() -> Iterator[pa.RecordBatch]:
+            for start in range(0, len(frame), batch_rows):
+                part = frame.iloc[start : start + batch_rows]
+                arrays = [ids(part["user"]), ids(part["item"]), pa.array(part["timestamp"].to_numpy(dtype=np.int64))]
+                names = ["user", "item", "timestamp"]
+                if not implicit:
+                    arrays.append(pa.array(part["rating"].to_numpy(dtype=np.float64)))
+                    names.append("rating")
+                yield pa.RecordBatch.from_arrays(arrays, names=names)
+
+        return EventStream(self.source, batches, self.titles, self.raw_item_kind)
+
+
+@dataclass
+class EventStream:
+    """A source's events for the streaming preparation.
+
+    ``open()`` yields Arrow record batches in source order with the columns user (int64 or string),
+    item (likewise), timestamp (int64 seconds), rating (float64; absent for implicit feedback) and
+    event_type (string; only when the source has one); each call reads the events again, the same
+    rows each time (preparation reads them twice).
+
+    Attributes:
+        source: where it came from, for people (see ``Interactions.source``).
+        titles: ``TITLE_COLUMNS`` table when the source ships item titles, else None.
+        raw_item_kind: what the raw item ids are (``Interactions.raw_item_kind``).
+        titles_are_ids: the raw item ids are the titles themselves (the RecBole copy of ML-1M).
+        check_counts: called with the raw counts after the first read; raises when they are wrong.
+    """
+
+    source: str
+    open: Callable[[], Iterator[pa.RecordBatch]]
+    titles: pd.DataFrame | None = None
+    raw_item_kind: str = "item"
+    titles_are_ids: bool = False
+    check_counts: Callable[[Counts], None] | None = None
+
 
 class DatasetSource(ABC):
     """Somewhere interactions come from: a file, a download, a generator.
@@ -97,7 +148,16 @@ class DatasetSource(ABC):
 
     @abstractmethod
     def load(self) -> Interactions:
-        """Parses the input."""
+        """Parses the whole input into memory (small data, tests)."""
+
+    def events(self) -> EventStream:
+        """The input as a stream (what preparation reads); by default ``load()``'s table."""
+        return self.load().stream()
+
+    def read_options(self) -> dict[str, object]:
+        """How the input is read (format, column mapping, ...): recorded in the manifest, so a prepared
+        dataset read another way is prepared again."""
+        return {}
 
 
 def sha256_files(paths: Iterable[Path], chunk_bytes: int = 1 << 20) -> str:

@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from data.batch import SeqBatch, make_features
 from data.sequences import UserSequences
-from data.splits import SeenItems, Split, history_bounds
+from data.splits import SeenItems, Split, SplitConfig, split_targets, window_start
 
 if TYPE_CHECKING:  # only a type here; importing it would pull in the file readers
     from data.prepare import PreparedDataset
@@ -144,24 +144,28 @@ class SplitDataset(Dataset[SeqBatch]):
         seed: int = 0,
         epoch: int = 0,
         seen: SeenItems = SeenItems.WINDOW,
+        split_config: SplitConfig | None = None,
+        sample_users: int = 0,
     ) -> None:
         if num_negatives < 0 or (num_negatives > 0 and num_items < 1):
             raise ValueError(f"cannot draw {num_negatives} negatives from {num_items} items")
         self.sequences, self.split = sequences, Split(split)
         self.num_items, self.num_negatives = num_items, num_negatives
         self.seed, self.epoch = seed, epoch
-        start, target = history_bounds(
-            sequences.lengths,
-            self.split,
-            max_len,
-            exclude_validation_from_train=exclude_validation_from_train,
-        )
+        target = split_targets(sequences, self.split, split_config or SplitConfig(),
+                               exclude_validation_from_train=exclude_validation_from_train)
+        start = window_start(target, max_len)
         eligible = target >= 1
+        if 0 < sample_users < eligible.sum():
+            # A fixed sample (the seed's, not the epoch's), so every epoch validates the same users.
+            chosen = np.random.default_rng(seed).choice(np.flatnonzero(eligible), sample_users, replace=False)
+            eligible = np.zeros_like(eligible)
+            eligible[chosen] = True
         self.users = np.flatnonzero(eligible)
         # Absolute positions in sequences.items: history is [starts, targets), the target at targets.
         first = sequences.offsets[:-1][eligible]
         self.starts, self.targets = first + start[eligible], first + target[eligible]
-        self.skipped = len(sequences) - self.users.size
+        self.skipped = int((target < 1).sum())
         # Under SeenItems.HISTORY an eval row carries its whole history when it reaches past the window.
         self.firsts = first if self.split.is_eval and SeenItems(seen) is SeenItems.HISTORY else None
 
@@ -177,9 +181,11 @@ class SplitDataset(Dataset[SeqBatch]):
         starts, ends = self.starts[real], self.targets[real]
         lengths = ends - starts
         index = _ranges(starts, ends)
-        items, timestamps = self.sequences.items[index], self.sequences.timestamps[index]
-        ratings = self.sequences.ratings[index]
-        targets, users = self.sequences.items[ends], self.users[real]
+        # The arrays may be memory-mapped files with int32 items: gathers copy, and ids go to int64.
+        items = self.sequences.items[index].astype(np.int64, copy=False)
+        timestamps = np.asarray(self.sequences.timestamps[index], dtype=np.int64)
+        ratings = np.asarray(self.sequences.ratings[index], dtype=np.float32)
+        targets, users = self.sequences.items[ends].astype(np.int64, copy=False), self.users[real]
         if pad:
             ones, zeros = np.ones(pad, dtype=np.int64), np.zeros(pad, dtype=np.int64)
             items, timestamps = np.concatenate([items, zeros]), np.concatenate([timestamps, zeros])
@@ -190,7 +196,7 @@ class SplitDataset(Dataset[SeqBatch]):
         if self.firsts is not None and (self.starts[real] > self.firsts[real]).any():
             firsts = self.firsts[real]
             seen_lengths = np.concatenate([ends - firsts, np.zeros(pad, dtype=np.int64)])
-            seen_ids = self.sequences.items[_ranges(firsts, ends)]
+            seen_ids = self.sequences.items[_ranges(firsts, ends)].astype(np.int64, copy=False)
         lengths_t = torch.from_numpy(lengths)
         return SeqBatch(
             features=make_features(
@@ -244,11 +250,15 @@ def make_dataloader(
     start_batch: int = 0,
     exclude_validation_from_train: bool = False,
     seen: SeenItems = SeenItems.WINDOW,
+    split_config: SplitConfig | None = None,
+    sample_users: int = 0,
 ) -> DataLoader:
     """One epoch of ``SeqBatch``es for ``rank`` of ``world_size`` (see the module docstring).
 
     ``shuffle`` defaults to True for train and must stay off (as must negatives) for eval splits.
     ``seen``: under ``SeenItems.HISTORY`` eval batches carry each row's whole history (``SeqBatch.seen``).
+    ``split_config``: leave-one-out (None, the default) or temporal (``data.splits``).
+    ``sample_users`` > 0: only a fixed random sample (by ``seed``) of that many of the split's users.
     ``len(loader)`` is the number of batches still to come; with ``start_batch=0`` it is the
     epoch's length, the same on every rank.
     """
@@ -267,6 +277,8 @@ def make_dataloader(
         seed=seed,
         epoch=epoch,
         seen=seen,
+        split_config=split_config,
+        sample_users=sample_users,
     )
     if split_data.skipped:
         log.info("%s %s split: skipped %d users too short for it", dataset.name, split, split_data.skipped)

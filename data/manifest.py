@@ -9,9 +9,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from data.interactions import Counts
-from data.sequences import MIN_EVENTS, Dropped
+from data.sequences import Dropped
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 """Bump when preprocessing or the files change meaning: older caches are then rebuilt, not reused."""
 
 
@@ -28,6 +28,9 @@ class Manifest:
         raw_counts: the interactions table as read.
         counts: what the sequences hold after the drops.
         dropped: what preprocessing left out, and why.
+        options: how the input was read and filtered (format, column mapping, k-core, event types):
+            a dataset asked for with other options is prepared again.
+        has_ratings: False for implicit feedback (no ratings file).
     """
 
     name: str
@@ -38,7 +41,8 @@ class Manifest:
     raw_counts: Counts
     counts: Counts
     dropped: Dropped
-    min_events: int = MIN_EVENTS
+    options: dict = field(default_factory=dict)
+    has_ratings: bool = True
     format_version: int = FORMAT_VERSION
     created_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
 

@@ -24,12 +24,15 @@ import sys
 import tempfile
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
-from data.formats import Format, MalformedFileError, TextFile, read_ratings, read_titles
-from data.interactions import Counts, DatasetSource, Interactions, sha256_files, stat_fingerprint
+from data.formats import Format, MalformedFileError, TextFile, read_events, read_ratings, read_titles
+from data.interactions import Counts, DatasetSource, EventStream, Interactions, sha256_files, stat_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +98,17 @@ class MovieLens1M(DatasetSource):
         download_wheel(self.wheel_path)
         return self.wheel_path
 
+    def events(self) -> EventStream:
+        archive = self.fetch()
+        if archive == self.zip_path:
+            verify(archive, "md5", GROUPLENS_MD5)
+            stream = grouplens_events(archive)
+        else:
+            verify(archive, "sha256", WHEEL_SHA256)
+            stream = recbole_wheel_events(archive)
+        stream.check_counts = lambda counts: check_counts(counts, source=stream.source)
+        return stream
+
     def load(self) -> Interactions:
         archive = self.fetch()
         if archive == self.zip_path:
@@ -107,11 +121,13 @@ class MovieLens1M(DatasetSource):
         return interactions
 
 
-def check_counts(interactions: Interactions, expected: Counts = EXPECTED) -> None:
-    got = interactions.counts()
+def check_counts(interactions: Interactions | Counts, expected: Counts = EXPECTED, *, source: str = "") -> None:
+    """Raises unless ``interactions`` (or the counts of a stream) are exactly ML-1M's."""
+    got = interactions if isinstance(interactions, Counts) else interactions.counts()
+    source = source or getattr(interactions, "source", "")
     if got != expected:
         raise ValueError(
-            f"{NAME} from {interactions.source}: expected {expected.interactions} interactions, "
+            f"{NAME} from {source}: expected {expected.interactions} interactions, "
             f"{expected.users} users, {expected.items} items; "
             f"got {got.interactions}, {got.users}, {got.items}"
         )
@@ -127,6 +143,46 @@ def read_grouplens_zip(path: Path) -> Interactions:
         titles=read_titles(TextFile(path, "ml-1m/movies.dat")),
         raw_item_kind="movieId",
     )
+
+
+def grouplens_events(path: Path) -> EventStream:
+    member = TextFile(path, "ml-1m/ratings.dat")
+    return EventStream(
+        source=f"grouplens:{GROUPLENS_URL}",
+        open=lambda: read_events(member, Format.MOVIELENS_DAT),
+        titles=read_titles(TextFile(path, "ml-1m/movies.dat")),
+        raw_item_kind="movieId",
+    )
+
+
+def recbole_wheel_events(path: Path) -> EventStream:
+    """The wheel's events, users back to GroupLens' ints; items keyed (and titled) by their titles."""
+    member = TextFile(path, WHEEL_MEMBER)
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        rows = 0
+        for batch in read_events(member, Format.RECBOLE_INTER):
+            users = batch.column("user")
+            ok = pc.match_substring_regex(users, f"^{WHEEL_USER_PREFIX}\\d+$").to_numpy(zero_copy_only=False)
+            if not ok.all():
+                row = int((~ok).argmax())
+                raise MalformedFileError(  # + 2: the header line, and lines count from 1
+                    f"{member.name} line {rows + row + 2}: expected user_id {WHEEL_USER_PREFIX}<UserID>, "
+                    f"got {users[row].as_py()!r}"
+                )
+            ints = pc.cast(pc.utf8_slice_codeunits(users, len(WHEEL_USER_PREFIX)), pa.int64())
+            yield batch.set_column(0, "user", ints)
+            rows += batch.num_rows
+
+    return EventStream(
+        source=f"pypi:{WHEEL_REQUIREMENT}!{WHEEL_MEMBER}",
+        open=batches,
+        raw_item_kind=WHEEL_ITEM_KIND,
+        titles_are_ids=True,
+    )
+
+
+WHEEL_ITEM_KIND = "title (the RecBole copy has no MovieLens movie ids)"
 
 
 def read_recbole_wheel(path: Path) -> Interactions:
@@ -148,7 +204,7 @@ def read_recbole_wheel(path: Path) -> Interactions:
         path=path,
         checksum=sha256_files([path]),
         titles=pd.DataFrame({"item": titles.to_numpy(), "title": titles.to_numpy()}),
-        raw_item_kind="title (the RecBole copy has no MovieLens movie ids)",
+        raw_item_kind=WHEEL_ITEM_KIND,
     )
 
 

@@ -1,4 +1,6 @@
-"""Leave-one-out splits, as generative-recommenders does them (see docs/architecture.md).
+"""The splits: leave-one-out, as generative-recommenders does them, or temporal (docs/architecture.md).
+
+Leave-one-out (the default, ``SplitKind.LEAVE_ONE_OUT``):
 
 For a user's full chronological sequence ``s`` of n events, every split is "a history, then the
 item that follows it"; the splits differ only in where the target sits:
@@ -13,6 +15,18 @@ So by default the train target is the validation target (as in generative-recomm
 ``exclude_validation_from_train`` keeps the validation item out of training. Histories keep the
 most recent ``max_len`` items. A user whose history would be empty is skipped for that split.
 
+Temporal (``SplitKind.TEMPORAL``, two global cut times ``valid_start < test_start``, in seconds): with
+``a`` the number of the user's events before ``valid_start`` and ``b`` the number before ``test_start``,
+
+    test    history s[:b], target s[b]: the user's first event at or after test_start
+    valid   history s[:a], target s[a]: the first event at or after valid_start, if before test_start
+    train   the sequence s[:b] (s[:a] with exclude_validation_from_train): every event before the cut
+
+A user without an event before a cut (nothing to condition on) or without one after it is not
+evaluated on that split; events after the test target are never used. Every user is ranked at the
+same moment, so nothing after ``test_start`` leaks into any history or into training. As with
+leave-one-out, training sees the validation targets unless ``exclude_validation_from_train``.
+
 Example::
 
     >>> split_sequence([5, 6, 7, 8], Split.TEST, max_len=2)
@@ -26,10 +40,14 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from enum import StrEnum
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from data.sequences import UserSequences
 
 T = TypeVar("T")
 
@@ -59,6 +77,76 @@ class Split(StrEnum):
         return self is not Split.TRAIN
 
 
+class SplitKind(StrEnum):
+    LEAVE_ONE_OUT = "leave_one_out"
+    TEMPORAL = "temporal"
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """Where each split's target sits (module docstring).
+
+    Attributes:
+        kind: leave-one-out or temporal.
+        valid_start, test_start: temporal only: the cut times, whole seconds since the epoch (UTC);
+            ``valid_start < test_start``.
+    """
+
+    kind: SplitKind = SplitKind.LEAVE_ONE_OUT
+    valid_start: int = 0
+    test_start: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kind", SplitKind(self.kind))
+        if self.kind is SplitKind.TEMPORAL and not 0 <= self.valid_start < self.test_start:
+            raise ValueError(f"a temporal split needs 0 <= valid_start < test_start, got valid_start="
+                             f"{self.valid_start}, test_start={self.test_start}")
+
+
+def split_targets(
+    sequences: UserSequences,
+    split: Split,
+    config: SplitConfig = SplitConfig(),
+    *,
+    exclude_validation_from_train: bool = False,
+    chunk_events: int = 1 << 24,
+) -> np.ndarray:
+    """[U] index of each user's target within their full sequence; < 1 means the user is skipped.
+
+    Leave-one-out depends on the lengths only; temporal reads the timestamps, ``chunk_events`` at a
+    time (they may be a memory-mapped file of any size)."""
+    split = Split(split)
+    if config.kind is SplitKind.LEAVE_ONE_OUT:
+        return target_positions(sequences.lengths, split, exclude_validation_from_train=exclude_validation_from_train)
+    before_valid = _events_before(sequences, config.valid_start, chunk_events)
+    before_test = _events_before(sequences, config.test_start, chunk_events)
+    lengths = sequences.lengths
+    if split is Split.TEST:
+        return np.where(before_test < lengths, before_test, -1)
+    if split is Split.VALID:
+        return np.where(before_valid < before_test, before_valid, -1)
+    end = before_valid if exclude_validation_from_train else before_test
+    return end - 1
+
+
+def _events_before(sequences: UserSequences, cut: int, chunk_events: int) -> np.ndarray:
+    """[U] how many of each user's events come before ``cut`` (their timestamps are sorted)."""
+    offsets = np.asarray(sequences.offsets)
+    out = np.empty(len(sequences), dtype=np.int64)
+    user = 0
+    while user < len(sequences):
+        # Users whose events fit in one chunk (at least one user, however long).
+        last = max(int(np.searchsorted(offsets, offsets[user] + chunk_events, side="right")) - 1, user + 1)
+        last = min(last, len(sequences))
+        lo = int(offsets[user])
+        early = np.asarray(sequences.timestamps[lo : int(offsets[last])]) < cut
+        running = np.concatenate([[0], np.cumsum(early, dtype=np.int64)])
+        bounds = offsets[user : last + 1] - lo
+        out[user:last] = running[bounds[1:]] - running[bounds[:-1]]
+        user = last
+    return out
+
+
 def target_positions(
     lengths: np.ndarray | int, split: Split, *, exclude_validation_from_train: bool = False
 ) -> np.ndarray:
@@ -71,12 +159,17 @@ def target_positions(
 def history_bounds(
     lengths: np.ndarray | int, split: Split, max_len: int, *, exclude_validation_from_train: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(start, target) positions within each sequence: the history is ``s[start:target]``, at most
-    ``max_len`` long. Only meaningful where ``target >= 1``."""
+    """(start, target) positions within each sequence (leave-one-out): the history is
+    ``s[start:target]``, at most ``max_len`` long. Only meaningful where ``target >= 1``."""
+    target = target_positions(lengths, split, exclude_validation_from_train=exclude_validation_from_train)
+    return window_start(target, max_len), target
+
+
+def window_start(target: np.ndarray, max_len: int) -> np.ndarray:
+    """Where the history before each target starts: at most ``max_len`` events back."""
     if max_len < 1:
         raise ValueError(f"max_len must be >= 1, got {max_len}")
-    target = target_positions(lengths, split, exclude_validation_from_train=exclude_validation_from_train)
-    return np.maximum(target - max_len, 0), target
+    return np.maximum(np.asarray(target) - max_len, 0)
 
 
 def split_sequence(

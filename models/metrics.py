@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -60,6 +61,104 @@ def target_ranks(
     row = torch.arange(len(targets), device=targets.device)
     excluded[row, targets] = True  # the target does not beat itself
     return 1 + (beats & ~excluded).sum(dim=1)
+
+
+@dataclass
+class Ranked:
+    """What ``rank_items`` finds for a batch of users."""
+
+    ranks: torch.Tensor
+    """[B] the target's 1-based rank with the seen items removed."""
+    window_ranks: torch.Tensor
+    """[B] with only the window's items removed (equal to ``ranks`` when no window is given)."""
+    target_scores: torch.Tensor
+    """[B] the target's score."""
+    top_scores: torch.Tensor | None = None
+    """[B, k] the k best scores, seen items and padding removed (the target kept), best first."""
+    top_items: torch.Tensor | None = None
+    """[B, k] their item ids."""
+
+
+def rank_items(
+    users: torch.Tensor,
+    table: torch.Tensor,
+    targets: torch.Tensor,
+    seen: tuple[torch.Tensor, torch.Tensor],
+    window: tuple[torch.Tensor, torch.Tensor] | None = None,
+    *,
+    k: int = 0,
+    block_scores: int = 1 << 26,
+) -> Ranked:
+    """``target_ranks`` (and the top ``k``) of users against a whole catalogue, one block of items at a time.
+
+    The scores ``users @ table.T`` are never held for all items at once: each block of at most
+    ``block_scores`` scores (256 MiB of float32 by default; 10M items x 128 users would be 5 GiB) is
+    masked in place and reduced to counts and a running top k. When the catalogue fits in one block
+    (ML-1M: 3,707 x 256) the target's score is its column of that product, so the ranks are
+    ``target_ranks``' exactly; across blocks it is the row's dot product, which may differ from its
+    column in the last bit (a tie decided the other way).
+
+    Args:
+        users: [B, D] user vectors; table: [num_items + 1, D] item vectors, row 0 padding (never ranked).
+        targets: [B] item ids in 1..num_items.
+        seen: (ids back to back, [B] lengths): items removed from the ranking and the top k.
+        window: the same for ``window_ranks``, a subset of ``seen`` (e.g. only the model's window).
+
+    Example::
+
+        >>> users, table = torch.tensor([[1.0]]), torch.tensor([[0.0], [0.1], [0.9], [0.5], [0.7]])
+        >>> r = rank_items(users, table, torch.tensor([3]), (torch.tensor([2]), torch.tensor([1])), k=2)
+        >>> r.ranks.tolist(), r.top_items.tolist()                  # as target_ranks' example
+        ([2], [[4, 3]])
+    """
+    batch, num_rows = users.shape[0], table.shape[0]
+    k = min(k, num_rows - 1)
+    width = max(1, block_scores // max(batch, 1))
+    row = torch.arange(batch, device=users.device)
+    seen_rows = torch.repeat_interleave(row, seen[1], output_size=seen[0].numel())
+    window_rows = None if window is None else torch.repeat_interleave(row, window[1], output_size=window[0].numel())
+    # Several blocks: the target's score cannot wait for its block, so it is the row's own product.
+    target_scores = None if width >= num_rows else (users * table[targets]).sum(1)
+    ranks = torch.ones(batch, dtype=torch.int64, device=users.device)
+    window_ranks = ranks.clone() if window is not None else ranks
+    top_scores = top_items = None
+    for lo in range(0, num_rows, width):
+        hi = min(num_rows, lo + width)
+        scores = users @ table[lo:hi].T  # [B, hi - lo], ours to overwrite
+        if target_scores is None:
+            target_scores = scores.gather(1, targets[:, None]).squeeze(1)
+        if lo == 0:
+            scores[:, 0] = -math.inf
+        here = (targets >= lo) & (targets < hi)
+        target_at = (row[here], targets[here] - lo)
+        if window is not None:
+            _mask(scores, window_rows, window[0], lo, hi)
+            window_ranks += _beating(scores, target_scores, target_at)
+        _mask(scores, seen_rows, seen[0], lo, hi)
+        ranks += _beating(scores, target_scores, target_at)
+        if k:
+            best = scores.topk(min(k, hi - lo), dim=1)
+            values, ids = best.values, best.indices + lo
+            if top_scores is not None:
+                values, ids = torch.cat([top_scores, values], 1), torch.cat([top_items, ids], 1)
+                best = values.topk(min(k, values.shape[1]), dim=1)
+                values, ids = best.values, ids.gather(1, best.indices)
+            top_scores, top_items = values, ids
+    assert target_scores is not None
+    return Ranked(ranks, window_ranks, target_scores, top_scores, top_items)
+
+
+def _mask(scores: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor, lo: int, hi: int) -> None:
+    inside = (ids >= lo) & (ids < hi)
+    scores[rows[inside], ids[inside] - lo] = -math.inf
+
+
+def _beating(scores: torch.Tensor, target_scores: torch.Tensor, target_at: tuple[torch.Tensor, torch.Tensor]):
+    """[B] how many of a block's items (those not masked to -inf) score above the target; a NaN target
+    is beaten by all of them, as in ``target_ranks``."""
+    beats = (scores > target_scores[:, None]) | (target_scores.isnan()[:, None] & (scores != -math.inf))
+    beats[target_at] = False  # the target does not beat itself
+    return beats.sum(1)
 
 
 def metric_names(hr_ks: Sequence[int] = HR_KS, ndcg_ks: Sequence[int] = NDCG_KS) -> list[str]:

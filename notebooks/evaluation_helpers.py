@@ -24,7 +24,7 @@ import pandas as pd
 from IPython.display import HTML, display
 from matplotlib.ticker import MaxNLocator
 
-from data.prepare import PreparedDataset, prepare
+from data.prepare import PreparedDataset, open_prepared
 from training import analysis
 from training.config import TrainConfig, load_config
 from training.evaluate import EVAL_DIR
@@ -124,7 +124,7 @@ def load_run(path: str | Path, *, evaluate_if_missing: bool = True) -> Run:
         label = "most popular" if kind == "most_popular" else Path(entry["run"]).name
         models.append(Model(label, kind, entry, pd.read_parquet(path / EVAL_DIR / entry["predictions"])))
     return Run(name, path, config, report, models, _jsonl(path / "metrics.jsonl", "epoch"),
-               _jsonl(path / "steps.jsonl", "step"), prepare(config.data.dataset, root=config.data.root))
+               _jsonl(path / "steps.jsonl", "step"), open_prepared(config.data.spec()))
 
 
 def load_runs(paths: Sequence[str | Path]) -> list[Run]:

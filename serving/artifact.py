@@ -38,7 +38,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from data.splits import SeenItems
@@ -128,7 +131,7 @@ def save_artifact(
     meta.setdefault("metrics", {})
     meta.setdefault("created_at", dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
     items_df = _check_items(items, table.shape[0] - 1)
-    users_df = _check_users(users, set(items_df["raw_item"]))
+    users_df = _check_users(users, items_df["raw_item"])
     model_json = _to_json(model_config)
     if model_json.get("embedding_dim", table.shape[1]) != table.shape[1]:
         raise ValueError(f"item_embeddings has {table.shape[1]} columns but the model's embedding_dim is "
@@ -205,24 +208,41 @@ def _check_items(items: pd.DataFrame, num_items: int) -> pd.DataFrame:
     return df.astype({"title": "string"})
 
 
-def _check_users(users: pd.DataFrame, raw_items: set[str]) -> pd.DataFrame:
+def _check_users(users: pd.DataFrame, raw_items: pd.Series) -> pd.DataFrame:
+    """The users table as written: raw ids as strings, histories as Arrow lists, checked in bulk
+    (one pass of Arrow compute over all events, not a Python loop over them)."""
     missing = set(USER_COLUMNS) - set(users.columns)
     if missing:
         raise ValueError(f"users table lacks columns {sorted(missing)}")
-    df = pd.DataFrame({
-        "user_id": users["user_id"].astype(str),
-        "item_ids": [[str(x) for x in seq] for seq in users["item_ids"]],
-        "timestamps": [[int(t) for t in ts] for ts in users["timestamps"]],
-    })
-    if df["user_id"].duplicated().any():
+    user_ids = users["user_id"].astype(str)
+    if user_ids.duplicated().any():
         raise ValueError("users.user_id has duplicates")
-    for user, seq, ts in zip(df["user_id"], df["item_ids"], df["timestamps"], strict=True):
-        if len(seq) != len(ts):
-            raise ValueError(f"user {user!r}: {len(seq)} items but {len(ts)} timestamps")
-        unknown = next((x for x in seq if x not in raw_items), None)
-        if unknown is not None:
-            raise ValueError(f"user {user!r}: history item {unknown!r} is not in the items table")
-    return df
+    items, stamps = _lists(users["item_ids"], pa.string()), _lists(users["timestamps"], pa.int64())
+    uneven = np.flatnonzero(pc.list_value_length(items).to_numpy(zero_copy_only=False)
+                            != pc.list_value_length(stamps).to_numpy(zero_copy_only=False))
+    if uneven.size:
+        row = int(uneven[0])
+        raise ValueError(f"user {user_ids.iloc[row]!r}: {len(items[row])} items but {len(stamps[row])} timestamps")
+    known = pc.is_in(items.flatten(), value_set=pa.array(raw_items.to_numpy(), pa.string())).to_numpy(
+        zero_copy_only=False)
+    if not known.all():
+        event = int(np.argmin(known))
+        row = int(np.searchsorted(items.offsets.to_numpy(), event, side="right") - 1)
+        raise ValueError(f"user {user_ids.iloc[row]!r}: history item {items.flatten()[event].as_py()!r} is not in "
+                         "the items table")
+    return pd.DataFrame({"user_id": user_ids.to_numpy(), "item_ids": pd.Series(items.to_pandas()),
+                         "timestamps": pd.Series(stamps.to_pandas())})
+
+
+def _lists(column: pd.Series, value_type: pa.DataType) -> pa.ListArray:
+    """A column of sequences (lists or arrays) as an Arrow list array of ``value_type`` (ints become strings)."""
+    if not len(column):
+        return pa.array([], pa.list_(value_type))
+    try:
+        return pa.array(column.to_list(), from_pandas=True).cast(pa.list_(value_type))
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):  # mixed types: one by one
+        convert = str if value_type == pa.string() else int
+        return pa.array([[convert(x) for x in seq] for seq in column], pa.list_(value_type))
 
 
 def _to_json(value: Any) -> Any:

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 240
 
 TINY = {
-    "data": {"dataset": "synthetic", "max_len": 20, "batch_size": 32, "eval_batch_size": 128,
+    "data": {"dataset": "synthetic", "batch_size": 32, "eval_batch_size": 128,
              "num_negatives": 64},
     "model": {"max_seq_len": 20, "embedding_dim": 16, "attention_dim": 8, "linear_dim": 8, "num_blocks": 2,
               "rating_embeddings": True},
@@ -47,13 +47,22 @@ def command(config: Path, name: str, *overrides: str, nproc: int, resume: bool =
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
+def prepare_data(config: Path, *overrides: str) -> None:
+    """What `make train` runs before training: ``python -m data.prepare --config`` (here in-process)."""
+    from data.prepare import prepare
+    from training.config import load_config
+
+    prepare(load_config(config, [o for o in overrides if o.startswith("data.")]).data.spec())
+
+
 def torchrun(tmp: Path, name: str, *overrides: str, nproc: int = 2, resume: bool = False,
              config: dict | None = None, file: str = "tiny.yaml") -> Path:
-    """Trains run ``name`` under ``tmp/runs`` with ``config`` (default ``TINY``) plus ``overrides``;
-    fails the calling test with the run's output unless it exits 0 within ``TIMEOUT_S``."""
+    """Prepares the data, then trains run ``name`` under ``tmp/runs`` with ``config`` (default ``TINY``)
+    plus ``overrides``; fails the calling test with the run's output unless it exits 0 within ``TIMEOUT_S``."""
     path = tmp / file
     if not path.exists():
         write_config(tmp, config or TINY, file)
+    prepare_data(path, *overrides)
     proc = subprocess.Popen(command(path, name, *overrides, nproc=nproc, resume=resume), cwd=ROOT, env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:

@@ -1,9 +1,12 @@
-"""Readers: every format from a fixture file, the real ml-latest-small, and precise errors on bad rows."""
+"""Readers: every format from a fixture file, the real ml-latest-small, csv and Parquet with a column
+mapping, implicit feedback, and precise errors on bad rows."""
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,13 +15,18 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pytest
 
+from data import formats
 from data.formats import (
     MAX_TIMESTAMP,
+    Columns,
     FileSource,
     Format,
+    IdType,
     MalformedFileError,
+    ReadOptions,
     TextFile,
     detect_format,
+    read_events,
     read_ratings,
     read_titles,
 )
@@ -269,7 +277,8 @@ def test_arrow_reads_no_python_file_and_the_stream_is_closed(
     """Issue #20, item 8. Arrow reads ahead on its own threads: handed a Python file object, they
     call back into Python for every block, and one still reading when the interpreter exits waits
     for the GIL for ever (``python -m data.prepare`` hung after naming the bad line). So Arrow must
-    get a native stream, and the streaming reader that looks for the failing block must be closed."""
+    get a native stream, and the streaming reader that failed on a later block must be closed."""
+    monkeypatch.setattr(formats, "BLOCK_BYTES", 1 << 20)  # blocks of 1 MB: the bad row is in a later one
     inputs: list[object] = []
     log: list[str] = []
     real_read, real_open = pacsv.read_csv, pacsv.open_csv
@@ -291,7 +300,138 @@ def test_arrow_reads_no_python_file_and_the_stream_is_closed(
     path.write_text(HEADER + "".join(rows))
     with pytest.raises(MalformedFileError, match="ratings.csv line 50002: .* got 5 fields"):
         read_ratings(path, Format.MOVIELENS_CSV)
-    assert len(inputs) == 2  # the fast read, then the streaming reader
+    assert len(inputs) == 1  # one streaming reader (the good path is no other read)
     python_files = [s for s in inputs if not isinstance(s, pa.NativeFile) or isinstance(s, pa.PythonFile)]
     assert python_files == []
     assert log == ["closed"]
+
+
+# --- csv and Parquet with a column mapping ------------------------------------------------------
+def test_a_csv_with_a_quoted_header_as_pyarrow_writes_it(tmp_path: Path) -> None:
+    """Issue #14: the same events written by pyarrow's default csv writer (a quoted header line, valid
+    csv) were refused: "rating 'rating' is not a finite number". Now it is the csv format, header
+    unquoted, and a quoted MovieLens header is the MovieLens header."""
+    table = pa.table({"user": [1, 1, 2, 2], "item": [10, 20, 10, 30], "rating": [4.0, 3.0, 5.0, 1.0],
+                      "timestamp": [100, 200, 300, 400]})
+    path = tmp_path / "events.csv"
+    pacsv.write_csv(table, path)
+    assert path.read_text().splitlines()[0] == '"user","item","rating","timestamp"'
+    assert detect_format(path) is Format.CSV
+    frame = FileSource(path).load().frame
+    assert frame.values.tolist() == [["1", "10", 100, 4.0], ["1", "20", 200, 3.0], ["2", "10", 300, 5.0],
+                                     ["2", "30", 400, 1.0]]  # ids as strings by default
+    assert read_ratings(path, Format.CSV, ReadOptions(id_type=IdType.INT))["user"].tolist() == [1, 1, 2, 2]
+    movielens = tmp_path / "ratings.csv"
+    pacsv.write_csv(table.rename_columns(["userId", "movieId", "rating", "timestamp"]), movielens)
+    assert detect_format(movielens) is Format.MOVIELENS_CSV
+    assert read_ratings(movielens, Format.MOVIELENS_CSV)["item"].tolist() == [10, 20, 10, 30]
+
+
+def test_csv_column_mapping_delimiter_and_quoting(tmp_path: Path) -> None:
+    path = tmp_path / "log.tsv"
+    path.write_text('ts;kind;uid;sku;stars;note\n'
+                    '5;view;A1;007;4.5;"a; quoted field"\n'
+                    '6;buy;"B;2";008;3;plain\n')
+    columns = Columns(user="uid", item="sku", timestamp="ts", rating="stars", event_type="kind")
+    options = ReadOptions(columns=columns, delimiter=";")
+    assert detect_format(path, options) is Format.CSV
+    (batch,) = list(read_events(path, Format.CSV, options))
+    assert batch.schema.names == ["user", "item", "timestamp", "rating", "event_type"]
+    assert batch.column("user").to_pylist() == ["A1", "B;2"]
+    assert batch.column("item").to_pylist() == ["007", "008"]  # strings: leading zeros kept
+    assert batch.column("timestamp").to_pylist() == [5, 6]
+    assert batch.column("rating").to_pylist() == [4.5, 3.0]
+    assert batch.column("event_type").to_pylist() == ["view", "buy"]
+    with pytest.raises(MalformedFileError, match=r"log.tsv line 2: expected ts;kind;uid;sku;stars;note \(6 fields\); "
+                                                 r"uid 'A1' is not an integer"):
+        list(read_events(path, Format.CSV, replace(options, id_type=IdType.INT)))
+
+
+def test_csv_without_a_header_line(tmp_path: Path) -> None:
+    path = tmp_path / "log.csv"
+    path.write_text("u1,i1,10\nu1,i2,11\nu2,i1,12\n")
+    options = ReadOptions(column_names=("user", "item", "timestamp"))
+    assert detect_format(path, options) is Format.CSV
+    frame = read_ratings(path, Format.CSV, options)
+    assert frame["user"].tolist() == ["u1", "u1", "u2"] and len(frame) == 3  # line 1 is data
+    assert frame["rating"].isna().all()  # no rating column: implicit feedback
+
+
+def test_a_mapped_column_that_is_missing_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "log.csv"
+    path.write_text("uid,item,timestamp\n1,2,3\n")
+    with pytest.raises(MalformedFileError, match=r"log.csv line 1: the header \['uid', 'item', 'timestamp'\] has "
+                                                 r"no column 'user' for the users; map the columns"):
+        read_ratings(path, Format.CSV)
+    with pytest.raises(MalformedFileError, match="no rating column 'stars'"):
+        read_ratings(path, Format.CSV, ReadOptions(columns=Columns(user="uid", rating="stars")))
+
+
+def test_implicit_feedback(tmp_path: Path) -> None:
+    """A file without a rating column has no ratings; implicit=True ignores one that is there."""
+    path = tmp_path / "clicks.csv"
+    path.write_text("user,item,timestamp,rating\na,x,1,5\na,y,2,4\n")
+    assert "rating" in next(read_events(path, Format.CSV)).schema.names
+    (batch,) = read_events(path, Format.CSV, ReadOptions(implicit=True))
+    assert batch.schema.names == ["user", "item", "timestamp"]
+    frame = read_ratings(path, Format.CSV, ReadOptions(implicit=True))
+    assert frame["rating"].isna().all() and frame["rating"].dtype == np.float64
+
+
+def write_parquet(path: Path, **columns: pa.Array) -> Path:
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table(columns), path)
+    return path
+
+
+def test_parquet_with_a_mapping_and_its_own_types(tmp_path: Path) -> None:
+    path = write_parquet(
+        tmp_path / "events.parquet",
+        customer=pa.array([7, 7, 9], pa.int32()),
+        product=pa.array(["p1", "p2", "p1"]).dictionary_encode(),
+        when=pa.array([1_000_000, 2_500_000, 3_999_999], pa.timestamp("ms", tz="UTC")),
+        score=pa.array([1, 2, 3], pa.int8()),
+        extra=pa.array(["x", "y", "z"]),
+    )
+    options = ReadOptions(columns=Columns(user="customer", item="product", timestamp="when", rating="score"))
+    assert detect_format(path) is Format.PARQUET
+    (batch,) = read_events(path, Format.PARQUET, options)
+    assert batch.schema.names == ["user", "item", "timestamp", "rating"]
+    assert batch.column("user").type == pa.int64() and batch.column("user").to_pylist() == [7, 7, 9]
+    assert batch.column("item").to_pylist() == ["p1", "p2", "p1"]
+    assert batch.column("timestamp").to_pylist() == [1_000, 2_500, 3_999]  # whole seconds, floored
+    assert batch.column("rating").to_pylist() == [1.0, 2.0, 3.0]
+    dates = write_parquet(tmp_path / "dates.parquet", user=pa.array(["a"]), item=pa.array(["b"]),
+                          timestamp=pa.array([datetime.date(1970, 1, 3)]))
+    assert next(read_events(dates, Format.PARQUET)).column("timestamp").to_pylist() == [2 * 86_400]
+
+
+@pytest.mark.parametrize(
+    ("columns", "message"),
+    [
+        ({"user": pa.array(["a", None, "c"])}, "row 2: user (user) is null"),
+        ({"user": pa.array(["a", "b", ""])}, "row 3: user '' is not an id"),
+        ({"timestamp": pa.array([1, -5, 3])}, "row 2: timestamp -5 is not a time"),
+        ({"rating": pa.array([1.0, 2.0, float("nan")])}, "row 3: rating nan is not a finite number"),
+        ({"timestamp": pa.array([1.5, 2.5, 3.5])}, "column 'timestamp' (timestamp) is double: times must be"),
+    ],
+)
+def test_bad_parquet_rows_are_named(tmp_path: Path, columns: dict[str, pa.Array], message: str) -> None:
+    base = {"user": pa.array(["a", "b", "c"]), "item": pa.array(["x", "y", "z"]), "timestamp": pa.array([1, 2, 3]),
+            "rating": pa.array([1.0, 2.0, 3.0])}
+    path = write_parquet(tmp_path / "bad.parquet", **(base | columns))
+    with pytest.raises(MalformedFileError) as error:
+        read_ratings(path, Format.PARQUET)
+    assert str(error.value).startswith(f"{path}")
+    assert message in str(error.value)
+
+
+def test_bad_rows_of_a_mapped_csv_are_named(tmp_path: Path) -> None:
+    path = tmp_path / "log.csv"
+    path.write_text("uid,iid,t\nu1,i1,1\nu1,i2,-3\n")
+    with pytest.raises(MalformedFileError, match=r"log.csv line 3: t '-3' is not a time"):
+        read_ratings(path, Format.CSV, ReadOptions(columns=Columns(user="uid", item="iid", timestamp="t")))
+    path.write_text("uid,iid,t\nu1,i1,1\nu1,i2\n")
+    with pytest.raises(MalformedFileError, match=r"log.csv line 3: expected uid,iid,t \(3 fields\), got 2 fields"):
+        read_ratings(path, Format.CSV, ReadOptions(columns=Columns(user="uid", item="iid", timestamp="t")))

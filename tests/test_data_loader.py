@@ -141,3 +141,19 @@ def test_eval_covers_each_user_once_with_padding(dataset: PreparedDataset) -> No
 
 def test_workers_give_the_same_batches(dataset: PreparedDataset) -> None:
     assert_same(batches(dataset, Split.TRAIN, num_workers=1), batches(dataset, Split.TRAIN))
+
+
+def test_sampled_validation_users_are_a_fixed_subset_on_any_number_of_ranks(dataset: PreparedDataset) -> None:
+    def users(world_size: int, **kwargs: object) -> list[int]:
+        return sorted(u for rank in range(world_size)
+                      for b in make_dataloader(dataset, Split.VALID, batch_size=8, max_len=10, rank=rank,
+                                               world_size=world_size, **kwargs)
+                      for u in b.user_ids.tolist() if u >= 0)
+
+    everyone = users(1)
+    sample = users(1, sample_users=25, seed=7)
+    assert len(sample) == 25 == len(set(sample)) and set(sample) < set(everyone)
+    assert users(1, sample_users=25, seed=7, epoch=3) == sample  # every epoch validates the same users
+    assert users(3, sample_users=25, seed=7) == sample  # and so does any number of ranks
+    assert users(1, sample_users=25, seed=8) != sample
+    assert users(1, sample_users=10**6) == everyone  # more than there are: all of them

@@ -14,7 +14,14 @@ import pytest
 from data import movielens_1m
 from data.formats import MalformedFileError
 from data.interactions import Counts
-from data.movielens_1m import WHEEL_MEMBER, ChecksumError, check_counts, read_recbole_wheel, verify
+from data.movielens_1m import (
+    WHEEL_MEMBER,
+    ChecksumError,
+    check_counts,
+    read_recbole_wheel,
+    recbole_wheel_events,
+    verify,
+)
 
 FORMATS = Path(__file__).parent / "fixtures" / "formats"
 REPO = Path(__file__).resolve().parents[1]
@@ -50,6 +57,8 @@ def test_bad_user_prefix_names_the_line(tmp_path: Path) -> None:
     expected = r"ml-1m.inter line 4: expected user_id 1m_<UserID>, got '2'"
     with pytest.raises(MalformedFileError, match=expected):
         read_recbole_wheel(fake_wheel(tmp_path, inter))
+    with pytest.raises(MalformedFileError, match=expected):  # streamed, as preparation reads it
+        list(recbole_wheel_events(fake_wheel(tmp_path, inter)).open())
 
 
 def test_checksum_mismatch_raises(tmp_path: Path) -> None:

@@ -1,16 +1,19 @@
-"""Leave-one-out splits: positions, truncation, skipping, and targets on real data."""
+"""Splits: leave-one-out positions, truncation, skipping and targets on real data; the temporal split
+by hand."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from data.formats import FileSource
+from data.interactions import Interactions
 from data.loader import BatchPlan, SplitDataset
 from data.prepare import PreparedDataset
-from data.splits import Split, history_bounds, split_sequence
+from data.splits import Split, SplitConfig, SplitKind, history_bounds, split_sequence, split_targets
 
 FIXTURES = Path(__file__).parent / "fixtures"
 S = [10, 11, 12, 13, 14]  # a user's full sequence, oldest first
@@ -89,3 +92,66 @@ def test_targets_are_the_last_events_by_time_then_file_order() -> None:
             u: items[which] for u, items in last_two.items()
         }
         assert batch.lengths.max().item() == 5  # truncated to max_len
+
+
+# --- the temporal split -------------------------------------------------------------------------
+VALID_START, TEST_START = 25, 42
+TEMPORAL = SplitConfig(SplitKind.TEMPORAL, valid_start=VALID_START, test_start=TEST_START)
+# Each event's item is named by its time, so a history reads as the times of its events.
+TIMES = {"a": [10, 20, 30, 40, 50], "b": [5, 35], "c": [45, 60], "d": [1, 2], "e": [25, 42, 43]}
+
+
+@pytest.fixture(scope="module")
+def timeline() -> PreparedDataset:
+    rows = [(user, t, t, 1.0) for user, times in TIMES.items() for t in times]
+    frame = pd.DataFrame(rows, columns=["user", "item", "timestamp", "rating"])
+    return PreparedDataset.from_interactions(Interactions(frame, "timeline", None, "0" * 64), "timeline")
+
+
+def split_of(ds: PreparedDataset, split: Split, **kwargs: object) -> dict[str, tuple[list[int], int]]:
+    """raw user -> (history as raw items, raw target) of every user the split keeps."""
+    data = SplitDataset(ds.packed, split, max_len=10, num_items=ds.num_items, split_config=TEMPORAL, **kwargs)
+    if len(data) == 0:
+        return {}
+    batch = data[BatchPlan(0, np.arange(len(data)))]
+    raw = ds.items["raw_item"].to_numpy()
+    users = ds.raw_users.to_numpy()[batch.user_ids.numpy()]
+    return {str(u): ([int(raw[i - 1]) for i in h], int(raw[t - 1]))
+            for u, h, t in zip(users, batch.sequences(), batch.targets().tolist(), strict=True)}
+
+
+def test_temporal_split_by_hand(timeline: PreparedDataset) -> None:
+    """Test: the first event at or after test_start, after every earlier one; valid: the first at or
+    after valid_start when it is before test_start; train: everything before test_start (before
+    valid_start without the validation targets). A user with nothing before a cut, or nothing after
+    it, is not in that split."""
+    assert split_of(timeline, Split.TEST) == {
+        "a": ([10, 20, 30, 40], 50),
+        "e": ([25], 42),  # 42 is at test_start: a test target; 43 after it is never used
+    }  # b and d have nothing at or after 42; c nothing before it
+    assert split_of(timeline, Split.VALID) == {
+        "a": ([10, 20], 30),
+        "b": ([5], 35),
+    }  # e's first event is at valid_start itself, with no history
+    assert split_of(timeline, Split.TRAIN) == {
+        "a": ([10, 20, 30], 40),
+        "b": ([5], 35),
+        "d": ([1], 2),
+    }
+    assert split_of(timeline, Split.TRAIN, exclude_validation_from_train=True) == {
+        "a": ([10], 20),
+        "d": ([1], 2),
+    }
+
+
+def test_temporal_split_needs_ordered_cuts() -> None:
+    with pytest.raises(ValueError, match="valid_start < test_start"):
+        SplitConfig(SplitKind.TEMPORAL, valid_start=5, test_start=5)
+    SplitConfig(SplitKind.LEAVE_ONE_OUT)  # no cuts needed
+
+
+def test_temporal_counts_in_chunks_equal_one_pass(timeline: PreparedDataset) -> None:
+    for split in Split:
+        one = split_targets(timeline.packed, split, TEMPORAL)
+        for chunk in (1, 2, 3, 7):
+            np.testing.assert_array_equal(split_targets(timeline.packed, split, TEMPORAL, chunk_events=chunk), one)

@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from data.prepare import PreparedDataset
 from tests.launch import ROOT, torchrun
 from training.config import load_config
 from training.evaluate import find_sasrec_run, resolve_checkpoint
@@ -91,8 +92,9 @@ def test_predictions_are_the_training_time_lists_plus_ranks(evaluated):
     # A target ranked within the list sits at that position, unless the history holds it too (then the
     # metrics still rank it, but the list leaves it out).
     cfg = load_config(run / "config.yaml")
-    sequences = pd.read_parquet(Path(cfg.data.root) / "synthetic" / "sequences.parquet").set_index("raw_user")
-    raw = pd.read_parquet(Path(cfg.data.root) / "synthetic" / "items.parquet").set_index("item_id")["raw_item"]
+    prepared = PreparedDataset.load(Path(cfg.data.root) / "synthetic")
+    sequences = prepared.sequences.set_index("raw_user")
+    raw = prepared.items.set_index("item_id")["raw_item"]
     checked = 0
     for row in ours[ours["rank"] <= 10].itertuples():
         seq = sequences.loc[row.user_id, "item_ids"]
@@ -106,11 +108,12 @@ def test_predictions_are_the_training_time_lists_plus_ranks(evaluated):
 @pytest.mark.parametrize("rule", ["history", "window"])
 def test_most_popular_baseline_equals_a_hand_computation(evaluated, rule):
     """Popularity from the training part of each sequence (all but the test target), ties to the smaller
-    id, the seen items removed (the run's rule: the whole history; ``window/``: the last max_len items,
+    id, the seen items removed (the run's rule: the whole history; ``window/``: the last max_seq_len items,
     generative-recommenders' protocol), the target always ranked: recomputed here in plain Python."""
     cfg = load_config(evaluated["hstu"] / "config.yaml")
-    sequences = pd.read_parquet(Path(cfg.data.root) / "synthetic" / "sequences.parquet")["item_ids"]
-    num_items = len(pd.read_parquet(Path(cfg.data.root) / "synthetic" / "items.parquet"))
+    prepared = PreparedDataset.load(Path(cfg.data.root) / "synthetic")
+    sequences = prepared.sequences["item_ids"]
+    num_items = len(prepared.items)
     counts: dict[int, int] = {}
     for seq in sequences:
         for item in seq[:-1]:
@@ -118,7 +121,7 @@ def test_most_popular_baseline_equals_a_hand_computation(evaluated, rule):
     order = sorted(range(1, num_items + 1), key=lambda i: (-counts.get(i, 0), i))
     ranks, top10 = [], set()
     for seq in sequences:
-        before = seq[:-1] if rule == "history" else seq[:-1][-cfg.data.max_len:]
+        before = seq[:-1] if rule == "history" else seq[:-1][-cfg.model.max_seq_len:]
         history, target = {int(i) for i in before}, int(seq[-1])
         candidates = [i for i in order if i not in history or i == target]
         ranks.append(candidates.index(target) + 1)
@@ -136,7 +139,7 @@ def test_most_popular_baseline_equals_a_hand_computation(evaluated, rule):
         assert baseline["test/coverage@10"] == pytest.approx(len(top10) / num_items)
         predictions = pd.read_parquet(evaluated["hstu"] / "eval" / baseline["predictions"])
         assert predictions["rank"].tolist() == ranks
-    assert sum(len(seq) - 1 > cfg.data.max_len for seq in sequences) > 50  # the two rules differ here
+    assert sum(len(seq) - 1 > cfg.model.max_seq_len for seq in sequences) > 50  # the two rules differ here
 
 
 def test_report_breakdowns_add_up(evaluated):

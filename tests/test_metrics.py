@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from models.metrics import RankingMetrics, ranking_metrics, target_ranks
+from models.metrics import RankingMetrics, rank_items, ranking_metrics, target_ranks
 
 
 def test_ranks_exclude_history_and_padding_and_count_ties_for_the_target() -> None:
@@ -79,3 +79,62 @@ def test_empty_is_nan_and_mismatched_totals_are_rejected() -> None:
     assert all(math.isnan(v) for v in RankingMetrics().compute().values())
     with pytest.raises(ValueError, match="Ks"):
         RankingMetrics.from_totals(RankingMetrics(hr_ks=(10,)).totals())
+
+
+# --- rank_items: target_ranks one block of items at a time ---------------------------------------
+def reference_top(scores: torch.Tensor, seen: torch.Tensor, lengths: torch.Tensor, k: int) -> torch.Tensor:
+    """The k best scores per row with padding and the seen items removed, from the whole score matrix."""
+    scores = scores.clone()
+    scores[:, 0] = -math.inf
+    scores[torch.repeat_interleave(torch.arange(len(lengths)), lengths), seen] = -math.inf
+    return scores.topk(min(k, scores.shape[1] - 1), dim=1).values
+
+
+def histories(gen: torch.Generator, batch: int, num_items: int, longest: int) -> tuple[torch.Tensor, torch.Tensor]:
+    lengths = torch.randint(0, longest + 1, (batch,), generator=gen)
+    return torch.randint(1, num_items + 1, (int(lengths.sum()),), generator=gen), lengths
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("block_rows", [1, 7, 10_000])
+def test_rank_items_equals_target_ranks_over_the_whole_score_matrix(seed: int, block_rows: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    batch = int(torch.randint(1, 9, (1,), generator=gen))
+    num_items = int(torch.randint(1, 60, (1,), generator=gen))
+    users, table = torch.randn(batch, 8, generator=gen), torch.randn(num_items + 1, 8, generator=gen)
+    targets = torch.randint(1, num_items + 1, (batch,), generator=gen)
+    seen, seen_lengths = histories(gen, batch, num_items, longest=12)  # ragged; some rows empty, repeats
+    # The window: each row's seen items' second half, so a subset as in an evaluation batch.
+    window_lengths = seen_lengths // 2
+    ends = torch.cumsum(seen_lengths, 0)
+    window = torch.cat([seen[e - n : e] for e, n in zip(ends.tolist(), window_lengths.tolist(), strict=True)])
+    scores = users @ table.T
+    k = int(torch.randint(1, num_items + 3, (1,), generator=gen))
+
+    got = rank_items(users, table, targets, (seen, seen_lengths), (window, window_lengths), k=k,
+                     block_scores=block_rows * batch)
+
+    assert got.ranks.tolist() == target_ranks(scores, targets, seen, seen_lengths).tolist()
+    assert got.window_ranks.tolist() == target_ranks(scores, targets, window, window_lengths).tolist()
+    torch.testing.assert_close(got.target_scores, scores.gather(1, targets[:, None]).squeeze(1))
+    torch.testing.assert_close(got.top_scores, reference_top(scores, seen, seen_lengths, k))
+    real = got.top_scores.isfinite()  # beyond the unseen items, masked ones (-inf) fill the list
+    torch.testing.assert_close(scores.gather(1, got.top_items)[real], got.top_scores[real])  # the ids' scores
+    assert (got.top_items[real] >= 1).all()
+
+
+@pytest.mark.parametrize("block_rows", [2, 100])
+def test_rank_items_ranks_a_nan_target_last_in_any_block(block_rows: int) -> None:
+    nan = float("nan")
+    users = torch.tensor([[1.0], [1.0]])
+    table = torch.tensor([[0.0], [nan], [0.1], [0.2], [0.3]])  # item 1 NaN
+    targets = torch.tensor([1, 4])
+    got = rank_items(users, table, targets, (torch.tensor([3]), torch.tensor([0, 1])), block_scores=block_rows * 2)
+    expected = target_ranks(users @ table.T, targets, torch.tensor([3]), torch.tensor([0, 1]))
+    assert got.ranks.tolist() == expected.tolist() == [4, 1]  # row 1: item 3 is seen, NaN item 1 never beats
+
+
+def test_rank_items_without_a_window_gives_the_same_ranks_twice() -> None:
+    users, table = torch.randn(3, 4), torch.randn(20, 4)
+    got = rank_items(users, table, torch.tensor([1, 5, 19]), (torch.tensor([2, 2]), torch.tensor([1, 0, 1])))
+    assert got.window_ranks is got.ranks and got.top_items is None

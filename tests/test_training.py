@@ -121,13 +121,16 @@ def args_start(config: Path) -> int:
 def test_config_overrides_and_errors(tmp_path):
     cfg = load_config(ROOT / "configs/ml-1m/hstu.yaml", ["run.epochs=3", "sharding.tables={item_table: row_wise}"])
     assert cfg.run.epochs == 3 and cfg.sharding.tables == {"item_table": ShardingKind.ROW_WISE}
-    assert cfg.model.num_blocks == 2 and cfg.data.max_len == 200
+    assert cfg.model.num_blocks == 2 and cfg.model.max_seq_len == 200
     with pytest.raises(ValueError, match="unknown config key"):
         load_config(ROOT / "configs/ml-1m/hstu.yaml", ["run.epoch=3"])
     with pytest.raises(ValueError, match="expected int"):
         load_config(ROOT / "configs/ml-1m/hstu.yaml", ["run.epochs=three"])
     with pytest.raises(ValueError, match="not one of"):
         load_config(ROOT / "configs/ml-1m/hstu.yaml", ["optim.sparse_optimizer=lamb"])
+    # One name per knob: the window was also data.max_len, which nothing checked against the model's.
+    with pytest.raises(ValueError, match="data.max_len is gone: the sequence window is model.max_seq_len"):
+        load_config(ROOT / "configs/ml-1m/hstu.yaml", ["data.max_len=100"])
 
 
 def test_a_config_typo_is_one_line_with_the_closest_key(tmp_path):

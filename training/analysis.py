@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from data.batch import SeqBatch
+from data.sequences import UserSequences
 from models.metrics import ranking_metrics
 
 POPULAR_SHARE = 0.01
@@ -55,6 +56,24 @@ def item_popularity(sequences: Iterable[np.ndarray], num_items: int, *, drop_las
     parts = [np.asarray(s, dtype=np.int64)[: max(len(s) - drop_last, 0)] for s in sequences]
     events = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
     return np.bincount(events, minlength=num_items + 1).astype(np.int64)
+
+
+def packed_item_popularity(packed: UserSequences, num_items: int, train_lengths: np.ndarray, *,
+                           chunk_users: int = 1 << 18) -> np.ndarray:
+    """``item_popularity`` over packed sequences (possibly memory-mapped): user u's training events are
+    the first ``train_lengths[u]`` (clipped to [0, length]) of its sequence. Reads ``chunk_users`` users
+    at a time, so memory stays bounded whatever the number of events."""
+    counts = np.zeros(num_items + 1, dtype=np.int64)
+    offsets = np.asarray(packed.offsets)
+    lengths = np.clip(np.asarray(train_lengths, dtype=np.int64), 0, np.diff(offsets))
+    for lo in range(0, len(packed), chunk_users):
+        hi = min(lo + chunk_users, len(packed))
+        first, n = offsets[lo], lengths[lo:hi]
+        block = np.asarray(packed.items[first : offsets[hi]])
+        starts = offsets[lo:hi] - first
+        index = np.repeat(starts - (np.cumsum(n) - n), n) + np.arange(int(n.sum()))
+        counts += np.bincount(block[index], minlength=num_items + 1)
+    return counts
 
 
 def popularity_ranking(counts: np.ndarray) -> np.ndarray:
@@ -142,17 +161,33 @@ def metrics_by_history_length(
 
     Returns one row per bucket: ``history_length`` (label), ``users``, ``hr@k``, ``ndcg@k``, ``mrr``.
     """
-    ranks_t = torch.tensor(np.asarray(ranks))  # a copy: columns of a DataFrame may be read-only
-    per_user = ranking_metrics(ranks_t, hr_ks=(k,), ndcg_ks=(k,))
-    frame = pd.DataFrame({name: values.numpy() for name, values in per_user.items()})
-    bins = [*edges, np.inf]
-    frame["history_length"] = pd.cut(
-        np.asarray(history_lengths), bins=bins, right=False, labels=bucket_labels(edges)
-    )
-    out = frame.groupby("history_length", observed=True).agg(
-        users=("mrr", "size"), **{f"hr@{k}": (f"hr@{k}", "mean"), f"ndcg@{k}": (f"ndcg@{k}", "mean")},
-        mrr=("mrr", "mean"),
-    )
-    out = out.reset_index()
-    out["history_length"] = out["history_length"].astype(str)
-    return out
+    return history_length_frame(history_length_totals(ranks, history_lengths, edges, k), edges, k)
+
+
+def history_length_totals(
+    ranks: np.ndarray | torch.Tensor,
+    history_lengths: np.ndarray | torch.Tensor,
+    edges: Sequence[int] = HISTORY_EDGES,
+    k: int = 10,
+) -> np.ndarray:
+    """[len(edges), 4] float64: per history-length bucket the users and their sums of HR@k, NDCG@k and
+    MRR. Sums, so that ranks holding different users add theirs up (``history_length_frame`` divides)."""
+    per_user = ranking_metrics(torch.tensor(np.asarray(ranks)), hr_ks=(k,), ndcg_ks=(k,))
+    bucket = np.searchsorted(np.asarray(edges), np.asarray(history_lengths), side="right") - 1
+    inside = bucket >= 0  # shorter than the first edge: in no bucket
+    totals = np.zeros((len(edges), 4))
+    np.add.at(totals[:, 0], bucket[inside], 1.0)
+    for column, name in enumerate((f"hr@{k}", f"ndcg@{k}", "mrr"), start=1):
+        np.add.at(totals[:, column], bucket[inside], per_user[name].numpy()[inside])
+    return totals
+
+
+def history_length_frame(totals: np.ndarray, edges: Sequence[int] = HISTORY_EDGES, k: int = 10) -> pd.DataFrame:
+    """``metrics_by_history_length``'s table from (possibly all-reduced) ``history_length_totals``."""
+    users = totals[:, 0]
+    filled = users > 0
+    means = totals[filled, 1:] / users[filled, None]
+    return pd.DataFrame({
+        "history_length": np.asarray(bucket_labels(edges))[filled], "users": users[filled].astype(np.int64),
+        f"hr@{k}": means[:, 0], f"ndcg@{k}": means[:, 1], "mrr": means[:, 2],
+    })

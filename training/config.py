@@ -20,7 +20,10 @@ from typing import Any
 
 import yaml
 
-from data.splits import SeenItems
+from data.formats import Columns, IdType, ReadOptions
+from data.prepare import DatasetSpec
+from data.splits import SeenItems, SplitConfig
+from data.streaming import KCore
 from data.synthetic import SyntheticConfig
 from models.config import ModelConfig
 
@@ -70,15 +73,44 @@ class EmbeddingKernel(enum.StrEnum):
 @dataclass
 class DataConfig:
     dataset: str = "ml-1m"
-    """A dataset name known to ``data.prepare`` or a path to a ratings file."""
+    """"ml-1m", "synthetic", or the path of an event file (csv, Parquet, a MovieLens/Amazon/RecBole
+    format). ``python -m data.prepare --config <this file>`` prepares it (``make train`` does, first);
+    training only opens it."""
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     """Its size and shape when ``dataset`` is "synthetic" (``data.synthetic.SyntheticConfig``)."""
     root: str = "datasets"
-    max_len: int = 200
+    name: str = ""
+    """The prepared dataset's folder under ``root``; "" names it after the dataset."""
+    format: str = ""
+    """The file's format (``data.formats.Format``: movielens-csv, movielens-dat, amazon-csv, recbole-inter,
+    csv, parquet); "" tells it from the file."""
+    columns: Columns = field(default_factory=Columns)
+    """csv/Parquet: which column holds user, item, timestamp, rating ("": a column named "rating" if
+    any, else implicit feedback) and event_type ("": none) (``data.formats.Columns``)."""
+    implicit: bool = False
+    """Ignore any rating column: every event is an interaction."""
+    event_types: list[str] = field(default_factory=list)
+    """Keep only events of these types (needs ``columns.event_type``); empty keeps all."""
+    id_type: IdType = IdType.STRING
+    """csv: ids as strings (exact) or "int" (faster, numeric order; leading zeros are lost)."""
+    delimiter: str = ","
+    """csv: the field delimiter."""
+    column_names: list[str] = field(default_factory=list)
+    """csv without a header line: its column names."""
+    min_user_events: int = 2
+    """The k-core filter: users with fewer events are dropped, and items with fewer than
+    ``min_item_events``, repeatedly until none falls short (``data.sequences``). 2 is the least a
+    leave-one-out split can use."""
+    min_item_events: int = 1
+    split: SplitConfig = field(default_factory=SplitConfig)
+    """Leave-one-out (default) or temporal, by two cut times (``data.splits``)."""
     batch_size: int = 128
     """The global batch: split evenly over the ranks, so a config trains the same model on any number."""
     eval_batch_size: int = 256
     """Per rank; evaluation results do not depend on it."""
+    valid_users: int = 0
+    """Validate each epoch on a fixed random sample of this many users (0: all of them), e.g. 100,000
+    of 10M users; the test pass always ranks every user."""
     num_negatives: int = 128
     """Size of the negative pool shared by all positions of a batch."""
     exclude_validation_from_train: bool = False
@@ -88,6 +120,14 @@ class DataConfig:
     (``data.splits.SeenItems``). Evaluation, predictions and the export (the server's default) use it;
     evaluation also reports the window's numbers (generative-recommenders' protocol) as ``window/*``."""
     num_workers: int = 0
+
+    def spec(self) -> DatasetSpec:
+        """The dataset to prepare and open: everything above that decides what the prepared files hold."""
+        read = ReadOptions(columns=self.columns, implicit=self.implicit, id_type=self.id_type,
+                           delimiter=self.delimiter, column_names=tuple(self.column_names))
+        return DatasetSpec(dataset=self.dataset, root=self.root, name=self.name, format=self.format, read=read,
+                           event_types=tuple(self.event_types), kcore=KCore(self.min_user_events, self.min_item_events),
+                           synthetic=self.synthetic)
 
 
 @dataclass
@@ -194,9 +234,17 @@ def save_config(cfg: TrainConfig, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
+MOVED = {"data.max_len": "model.max_seq_len"}
+"""Keys that are gone, and where their knob lives now (one name per knob)."""
+
+
 def _build(cls: type, raw: dict[str, Any], where: str) -> Any:
     if not isinstance(raw, dict):
         raise ValueError(f"config section {where or '<root>'} must be a mapping, got {raw!r}")
+    for key in raw:
+        if (moved := MOVED.get(f"{where}{key}")) is not None:
+            raise ValueError(f"config key {where}{key} is gone: the sequence window is {moved}, read by data, "
+                             "training and serving alike; delete the key (and set that one)")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(raw) - names
@@ -223,6 +271,10 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     if origin is dict:
         _, vt = typing.get_args(tp)
         return {k: _coerce(vt, v, f"{where}.{k}") for k, v in (value or {}).items()}
+    if origin is list:
+        (vt,) = typing.get_args(tp)
+        items = value if isinstance(value, list) else [] if value is None else [value]
+        return [_coerce(vt, v, f"{where}[{i}]") for i, v in enumerate(items)]
     if origin is tuple:
         return tuple(_coerce(t, v, where) for t, v in zip(typing.get_args(tp), value, strict=True))
     if tp is float and isinstance(value, int | float | str) and not isinstance(value, bool):

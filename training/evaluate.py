@@ -19,7 +19,7 @@ they were):
 ``predictions-most_popular.parquet``, ``predictions-sasrec.parquet``. Each has the columns of the
 training-time file (``user_id``, ``target_item``, ``topk``: raw ids) plus ``rank`` (the exact rank of
 the target, the one the metrics use), ``history_length`` (events before the target, before truncation
-to ``max_len``), ``target_score`` and ``topk_scores``.
+to the model's ``max_seq_len``), ``target_score`` and ``topk_scores``.
 
 Baselines: most-popular (popularity = training interaction counts, see ``training.analysis``) always;
 SASRec from ``--baseline-run``, or by default ("auto") the sibling run directory (same parent folder)
@@ -35,6 +35,7 @@ import gc
 import json
 import logging
 import os
+import shutil
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -48,10 +49,10 @@ import torch.distributed as dist
 
 from data.batch import SeqBatch
 from data.loader import make_dataloader
-from data.prepare import PreparedDataset, prepare
-from data.splits import Split, target_positions
+from data.prepare import PreparedDataset, open_prepared
+from data.splits import Split, SplitConfig, split_targets
 from models.config import EncoderType
-from models.metrics import RankingMetrics, target_ranks
+from models.metrics import RankingMetrics, rank_items
 from models.recommender import GenerativeRecommender
 from training import analysis, checkpoint, logs
 from training.config import SparseOptimizer, TrainConfig, load_config
@@ -72,7 +73,7 @@ class EvalResult:
     """With only the window's items removed: generative-recommenders' protocol (the same numbers when
     the batches carry no longer history)."""
     user_ids: torch.Tensor | None = None
-    """[U] dense user index of each row of ``topk`` (rank 0 holds all users, others None)."""
+    """[U] dense user index of each row of ``topk`` (this rank's users only)."""
     targets: torch.Tensor | None = None
     topk: torch.Tensor | None = None
     """[U, K] dense item ids, best first, history removed."""
@@ -92,10 +93,13 @@ def evaluate(
     device: torch.device,
     *,
     topk: int = 0,
+    block_scores: int = 1 << 26,
 ) -> EvalResult:
     """Metrics over all users (every rank must call this together; rows with user_ids < 0 are
-    padding that keeps ranks in step and are ignored). With ``topk`` > 0 the K best items of each
-    user, with the target ranks and scores, are gathered on rank 0."""
+    padding that keeps ranks in step and are ignored). With ``topk`` > 0 the K best items of each of
+    this rank's users, with the target ranks and scores, stay on this rank (``write_predictions``
+    writes them per rank): the metrics are the only thing the ranks exchange. Scores are held for at
+    most ``block_scores`` (user, item) pairs at a time (``models.metrics.rank_items``)."""
     was_training = model.training
     model.eval()
     items = model.embed_items(torch.arange(1, num_items + 1, device=device)).float()
@@ -104,62 +108,35 @@ def evaluate(
     kept: list[tuple[torch.Tensor, ...]] = []
     for batch in batches:
         batch = batch.to(device, non_blocking=True)
-        scores = model.encode(batch).float() @ table.T
+        longer = batch.seen_ids is not None  # the rows carry history beyond the window
+        ranked = rank_items(model.encode(batch).float(), table, batch.targets(), batch.seen(),
+                            (batch.item_ids(), batch.lengths) if longer else None, k=topk,
+                            block_scores=block_scores)
         keep = batch.user_ids >= 0
-        ranks = target_ranks(scores, batch.targets(), *batch.seen())
-        acc.update(ranks[keep])
-        window_ranks = ranks if batch.seen_ids is None else target_ranks(
-            scores, batch.targets(), batch.item_ids(), batch.lengths)
-        window.update(window_ranks[keep])
+        acc.update(ranked.ranks[keep])
+        window.update(ranked.window_ranks[keep])
         if topk:
-            best_scores, best_items = _top_scored(scores, batch, topk)
-            target_scores = scores.gather(1, batch.targets()[:, None]).squeeze(1)
-            kept.append(tuple(t[keep].cpu() for t in (
-                batch.user_ids, batch.targets(), best_items, ranks, target_scores, best_scores)))
+            kept.append(tuple(t[keep].cpu() for t in (batch.user_ids, batch.targets(), ranked.top_items,
+                                                      ranked.ranks, ranked.target_scores, ranked.top_scores)))
     totals = torch.stack([acc.totals(), window.totals()])
     if dist.is_initialized():
         dist.all_reduce(totals)
     result = EvalResult(RankingMetrics.from_totals(totals[0]), RankingMetrics.from_totals(totals[1]))
     if topk:
-        columns = _gather_rows(*(torch.cat(column) for column in zip(*kept, strict=True)))
         (result.user_ids, result.targets, result.topk, result.ranks, result.target_scores,
-         result.topk_scores) = columns
+         result.topk_scores) = (torch.cat(column) for column in zip(*kept, strict=True))
     model.train(was_training)
     return result
 
 
-def top_items(scores: torch.Tensor, batch: SeqBatch, k: int) -> torch.Tensor:
-    """[B, k] best dense item ids per row, with the padding row and what the row has seen removed."""
-    return _top_scored(scores, batch, k)[1]
-
-
-def _top_scored(scores: torch.Tensor, batch: SeqBatch, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """([B, k] scores, [B, k] dense item ids) of the best items per row, padding and seen items removed."""
-    scores = scores.clone()
-    scores[:, 0] = float("-inf")
-    seen, lengths = batch.seen()
-    rows = torch.repeat_interleave(torch.arange(batch.batch_size, device=scores.device), lengths)
-    scores[rows, seen] = float("-inf")
-    best = scores.topk(min(k, scores.shape[1] - 1), dim=1)
-    return best.values, best.indices
-
-
-def _gather_rows(*tensors: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return tensors
-    parts: list = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, tensors)
-    if dist.get_rank() != 0:
-        return (None,) * len(tensors)
-    return tuple(torch.cat([p[i] for p in parts]) for i in range(len(tensors)))
-
-
 def predictions_frame(
-    result: EvalResult, dataset: PreparedDataset, *, detailed: bool = False, split: Split = Split.TEST
+    result: EvalResult, dataset: PreparedDataset, *, detailed: bool = False, split: Split = Split.TEST,
+    split_config: SplitConfig | None = None,
 ) -> pd.DataFrame:
     """One row per user, ordered by dense user index: raw ``user_id``, raw ``target_item`` and ``topk``
     (raw item ids, best first). ``detailed`` adds ``rank``, ``history_length`` (events before the
-    target in ``split``, before truncation to ``max_len``), ``target_score`` and ``topk_scores``."""
+    target in ``split`` under ``split_config``, before truncation to ``max_seq_len``), ``target_score`` and
+    ``topk_scores``."""
     assert result.topk is not None and result.user_ids is not None and result.targets is not None
     # Dense item ids are 1..num_items in order, so dense id i is row i - 1 (0, padding, never appears);
     # indexing the column itself keeps its dtype (a None slot for padding would turn int ids to float).
@@ -174,15 +151,44 @@ def predictions_frame(
     if detailed:
         assert result.ranks is not None and result.target_scores is not None and result.topk_scores is not None
         frame["rank"] = result.ranks[order].numpy()
-        frame["history_length"] = target_positions(dataset.packed.lengths[users], split)
+        frame["history_length"] = split_targets(dataset.packed, split, split_config or SplitConfig())[users]
         frame["target_score"] = result.target_scores[order].numpy()
         frame["topk_scores"] = list(result.topk_scores[order].numpy())
     return frame
 
 
 def write_predictions(result: EvalResult, dataset: PreparedDataset, path: Path) -> None:
-    """predictions.parquet: raw user id, raw target item, top-K raw item ids (best first)."""
-    predictions_frame(result, dataset).to_parquet(path, index=False)
+    """predictions.parquet: raw user id, raw target item, top-K raw item ids (best first), this rank's
+    users (every rank calls it; see ``write_frame``). No rank ever holds the lists of all users."""
+    write_frame(predictions_frame(result, dataset), path)
+
+
+def write_frame(frame: pd.DataFrame, path: Path, *, clear: Iterable[Path] = ()) -> None:
+    """Every rank writes its rows of one table: with one rank ``path`` is the file; with N it is a
+    folder of ``part-<rank>-of-<N>.parquet``, which pandas (``pd.read_parquet(path)``), pyarrow and
+    DuckDB read as one table. ``path`` and ``clear`` (stale files) are removed first."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if world == 1:
+        for stale in [path, *clear]:
+            _remove(stale)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        frame.to_parquet(path, index=False)
+        return
+    rank = dist.get_rank()
+    if rank == 0:
+        for stale in [path, *clear]:  # a file, or the parts of a run on another number of ranks
+            _remove(stale)
+        path.mkdir(parents=True)
+    dist.barrier()
+    frame.to_parquet(path / f"part-{rank:05d}-of-{world:05d}.parquet", index=False)
+    dist.barrier()  # all parts are there when any rank returns
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 # --- `make eval`: a run's checkpoint, the analysis and the baselines ---------------------------
@@ -192,7 +198,7 @@ def eval_loader(cfg: TrainConfig, dataset: PreparedDataset, ctx: DistContext):
         dataset,
         Split.TEST,
         batch_size=cfg.data.eval_batch_size,
-        max_len=cfg.data.max_len,
+        max_len=cfg.model.max_seq_len,
         num_negatives=0,
         shuffle=False,
         seed=cfg.run.seed,
@@ -202,6 +208,7 @@ def eval_loader(cfg: TrainConfig, dataset: PreparedDataset, ctx: DistContext):
         num_workers=cfg.data.num_workers,
         exclude_validation_from_train=cfg.data.exclude_validation_from_train,
         seen=cfg.data.exclude_seen,
+        split_config=cfg.data.split,
     )
 
 
@@ -268,18 +275,33 @@ def find_sasrec_run(run_dir: Path, cfg: TrainConfig) -> Path | None:
 
 
 def summarize(
-    result: EvalResult, dataset: PreparedDataset, popular: np.ndarray
+    result: EvalResult, dataset: PreparedDataset, popular: np.ndarray, split_config: SplitConfig | None = None
 ) -> tuple[dict[str, Any], pd.DataFrame]:
-    """(metrics.json entry, detailed predictions) of one model's test evaluation."""
+    """(metrics.json entry, this rank's detailed predictions) of one model's test evaluation.
+
+    Every rank calls it together: coverage, popularity bias and the history-length table come from
+    counts that the ranks add up (one all-reduce of ~num_items numbers), not from everyone's lists."""
     assert result.topk is not None and result.ranks is not None
-    predictions = predictions_frame(result, dataset, detailed=True)
-    topk = result.topk.numpy()
+    predictions = predictions_frame(result, dataset, detailed=True, split_config=split_config)
+    top = result.topk[:, :BEYOND_K]
+    by_length = analysis.history_length_totals(predictions["rank"], predictions["history_length"])
+    totals = torch.cat([
+        torch.bincount(top.reshape(-1), minlength=dataset.num_items + 1).double(),
+        torch.tensor([float(np.isin(top.numpy(), popular).sum()), float(top.numel()), float(len(result.ranks))],
+                     dtype=torch.float64),
+        torch.from_numpy(by_length.ravel()),
+    ])
+    if dist.is_initialized():
+        dist.all_reduce(totals)
+    recommended, (popular_slots, slots, users), by_length = totals.split(
+        [dataset.num_items + 1, 3, by_length.size])
     summary: dict[str, Any] = {f"test/{k}": v for k, v in result.metrics.items()}
     summary |= {f"test/window/{k}": v for k, v in result.window_metrics.items()}
-    summary[f"test/coverage@{BEYOND_K}"] = analysis.coverage(topk, dataset.num_items, BEYOND_K)
-    summary[f"test/popularity_bias@{BEYOND_K}"] = analysis.popularity_bias(topk, popular, BEYOND_K)
-    by_length = analysis.metrics_by_history_length(predictions["rank"], predictions["history_length"])
-    summary["by_history_length"] = by_length.to_dict("records")
+    summary[f"test/coverage@{BEYOND_K}"] = (recommended[1:] > 0).sum().item() / dataset.num_items
+    summary[f"test/popularity_bias@{BEYOND_K}"] = (popular_slots / slots).item()
+    summary["users"] = int(users.item())
+    table = analysis.history_length_frame(by_length.reshape(-1, 4).numpy())
+    summary["by_history_length"] = table.to_dict("records")
     return summary, predictions
 
 
@@ -295,15 +317,16 @@ def evaluate_run(
     """Evaluates ``run_dir`` and its baselines on the test split, writes ``out_dir`` (default
     ``run_dir/eval``) and returns the metrics.json content (on rank 0; None on the others)."""
     cfg = load_config(run_dir / "config.yaml")
-    dataset = prepare(cfg.data.dataset, root=cfg.data.root, synthetic=cfg.data.synthetic)
+    dataset = open_prepared(cfg.data.spec())
     path = resolve_checkpoint(run_dir, checkpoint_name)
     # Coverage@10 needs at least 10 items per user; the lists otherwise follow the training-time length.
     topk = max(cfg.run.topk, BEYOND_K)
     log.info("evaluating %s (%s) on the %s test split", run_dir, path.name, dataset.name)
     results = {"model": evaluate_checkpoint(cfg, dataset, path, ctx, topk=topk, trust=trust)}
 
-    counts = analysis.item_popularity(dataset.sequences["item_ids"], dataset.num_items,
-                                      drop_last=2 if cfg.data.exclude_validation_from_train else 1)
+    train_ends = split_targets(dataset.packed, Split.TRAIN, cfg.data.split,
+                               exclude_validation_from_train=cfg.data.exclude_validation_from_train) + 1
+    counts = analysis.packed_item_popularity(dataset.packed, dataset.num_items, train_ends)
     popular = analysis.popular_items(counts)
     baseline = analysis.MostPopular(counts).to(ctx.device)
     results["most_popular"] = evaluate(baseline, eval_loader(cfg, dataset, ctx), dataset.num_items, ctx.device,
@@ -313,8 +336,7 @@ def evaluate_run(
     sasrec_info: dict[str, str] = {}
     if sasrec is not None:
         sasrec_cfg = load_config(sasrec / "config.yaml")
-        sasrec_data = prepare(sasrec_cfg.data.dataset, root=sasrec_cfg.data.root,
-                              synthetic=sasrec_cfg.data.synthetic)
+        sasrec_data = open_prepared(sasrec_cfg.data.spec())
         if sasrec_data.manifest.checksum != dataset.manifest.checksum:
             raise ValueError(f"baseline run {sasrec} was trained on other data than {run_dir}")
         sasrec_path = resolve_checkpoint(sasrec, "best")
@@ -322,31 +344,33 @@ def evaluate_run(
         results["sasrec"] = evaluate_checkpoint(sasrec_cfg, sasrec_data, sasrec_path, ctx, topk=topk, trust=trust)
         sasrec_info = {"run": str(sasrec), "checkpoint": sasrec_path.name,
                        "encoder": sasrec_cfg.model.encoder.value}
+    out_dir = out_dir or run_dir / EVAL_DIR
+    summaries = {}
+    for name, result in results.items():
+        summary, predictions = summarize(result, dataset, popular, cfg.data.split)
+        file = "predictions.parquet" if name == "model" else f"predictions-{name}.parquet"
+        write_frame(predictions, out_dir / file, clear=out_dir.glob("predictions-*.parquet") if name == "model" else ())
+        summaries[name] = (file, summary)
     if not ctx.is_main:
         return None
-
-    out_dir = out_dir or run_dir / EVAL_DIR
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.glob("predictions-*.parquet"):  # e.g. a SASRec baseline not evaluated this time
-        stale.unlink()
-    test_targets = dataset.packed.items[dataset.packed.offsets[1:] - 1]  # each user's last event
+    test_at = split_targets(dataset.packed, Split.TEST, cfg.data.split)
+    tested = test_at >= 1
+    test_targets = np.asarray(dataset.packed.items[dataset.packed.offsets[:-1][tested] + test_at[tested]])
     progress = json.loads((path / "progress.json").read_text())
     report: dict[str, Any] = {
         "run": str(run_dir), "checkpoint": path.name, "checkpoint_step": progress["global_step"],
         # progress.json holds the epoch in progress: one past the last finished one at an epoch end.
         "checkpoint_epoch": progress["epoch"] - (progress["step_in_epoch"] == 0), "encoder": cfg.model.encoder.value,
-        "dataset": dataset.name, "split": str(Split.TEST), "users": int(len(results["model"].ranks)),
+        "dataset": dataset.name, "split": str(Split.TEST), "users": summaries["model"][1].pop("users"),
         "items": dataset.num_items, "popular_items": int(len(popular)),
         "targets_popular_share": analysis.popular_share(test_targets, popular),
         "predictions": "predictions.parquet", "baselines": {},
     }
-    for name, result in results.items():
-        summary, predictions = summarize(result, dataset, popular)
-        file = "predictions.parquet" if name == "model" else f"predictions-{name}.parquet"
-        predictions.to_parquet(out_dir / file, index=False)
+    for name, (file, summary) in summaries.items():
         if name == "model":
             report.update(summary)
         else:
+            summary.pop("users")
             report["baselines"][name] = {**(sasrec_info if name == "sasrec" else {}), "predictions": file, **summary}
     (out_dir / "metrics.json").write_text(json.dumps(report, indent=2, default=_plain) + "\n")
     return report

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -29,11 +30,14 @@ def export_run(
     table = torch.cat([torch.zeros(1, rows.shape[1]), rows])
     if not ctx.is_main:
         return
-    raw_items = dataset.items.set_index("item_id")["raw_item"].astype(str)
+    # The known users' histories, from the packed arrays (raw item ids by dense id: row i - 1).
+    packed = dataset.packed
+    raw_items = dataset.items.sort_values("item_id")["raw_item"].astype(str).to_numpy()
+    cuts = packed.offsets[1:-1]
     users = pd.DataFrame({
-        "user_id": dataset.sequences["raw_user"].astype(str),
-        "item_ids": [raw_items.loc[list(seq)].tolist() for seq in dataset.sequences["item_ids"]],
-        "timestamps": dataset.sequences["timestamps"].map(list),
+        "user_id": dataset.raw_users.astype(str).to_numpy(),
+        "item_ids": np.split(raw_items[np.asarray(packed.items) - 1], cuts),
+        "timestamps": np.split(np.asarray(packed.timestamps), cuts),
     })
     items = dataset.items[["item_id", "raw_item"]].assign(raw_item=lambda f: f["raw_item"].astype(str))
     items["title"] = dataset.items.get("title")

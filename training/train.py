@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import shlex
 import sys
 import time
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ from tqdm import tqdm
 
 from data.batch import SeqBatch
 from data.loader import make_dataloader
-from data.prepare import PreparedDataset, prepare
+from data.prepare import NotPrepared, PreparedDataset, open_prepared
 from data.splits import Split
 from models.recommender import GenerativeRecommender
 from training import checkpoint, logs
@@ -141,7 +142,7 @@ class Trainer:
             self.dataset,
             split,
             batch_size=cfg.batch_size // self.ctx.world_size if train else cfg.eval_batch_size,
-            max_len=cfg.max_len,
+            max_len=self.cfg.model.max_seq_len,
             num_negatives=cfg.num_negatives if train else 0,
             shuffle=train,
             seed=self.cfg.run.seed,
@@ -152,6 +153,8 @@ class Trainer:
             start_batch=start_batch,
             exclude_validation_from_train=cfg.exclude_validation_from_train,
             seen=cfg.exclude_seen,
+            split_config=cfg.split,
+            sample_users=cfg.valid_users if split is Split.VALID else 0,
         )
 
     def evaluate(self, split: Split, *, with_topk: int = 0):
@@ -181,6 +184,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.resume:
         cfg.run.resume = True
+    try:
+        # Before the process group: preparing is a step of its own (`make data`), never work inside a
+        # collective whose timeout would kill a long preparation. Every rank checks (a manifest and a stat).
+        open_prepared(cfg.data.spec())
+    except NotPrepared as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {e}.\nPrepare it first: {prepare_command(args)}", file=sys.stderr)
+        return 2
     logs.setup(args.verbose)
     ctx = init_process_group(cfg.run.device, cfg.run.collective_timeout_s)
     if not ctx.is_main:
@@ -204,10 +215,8 @@ def build(cfg: TrainConfig, ctx: DistContext, config_path: str | None) -> Traine
         raise ValueError(f"data.batch_size={cfg.data.batch_size} is the global batch and must split evenly over "
                          f"{ctx.world_size} ranks")
     torch.manual_seed(cfg.run.seed + ctx.rank)
-    dataset = prepare(cfg.data.dataset, root=cfg.data.root, synthetic=cfg.data.synthetic) if ctx.is_main else None
-    dist.barrier()  # rank 0 prepares (and caches) the data once; the others then read the cache
-    if dataset is None:
-        dataset = prepare(cfg.data.dataset, root=cfg.data.root, synthetic=cfg.data.synthetic)
+    # Memory-mapped on every rank: the page cache holds the events once per machine.
+    dataset = open_prepared(cfg.data.spec())
     run_dir = resolve_run_dir(cfg, config_path, ctx)
     check_shared_directory(run_dir, ctx)
     torch.manual_seed(cfg.run.seed)  # the same initial dense weights on every rank, for any number of ranks
@@ -324,8 +333,9 @@ def finish(t: Trainer) -> None:
                    **{f"test/{k}": v for k, v in result.metrics.items()},
                    **{f"test/window/{k}": v for k, v in result.window_metrics.items()}}
         (t.run_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
-        write_predictions(result, t.dataset, t.run_dir / "predictions.parquet")
         log.info("test: %s", "  ".join(f"{k}={v:.4f}" for k, v in result.metrics.items()))
+    if t.cfg.run.topk:
+        write_predictions(result, t.dataset, t.run_dir / "predictions.parquet")
     export_run(t.net, t.cfg, t.dataset, t.run_dir / "export", t.ctx, metrics=result.metrics)
     if t.ctx.is_main:
         log.info("run directory: %s", t.run_dir)
@@ -373,6 +383,13 @@ def resolve_run_dir(cfg: TrainConfig, config_path: str | None, ctx: DistContext)
         link.symlink_to(name)
     dist.barrier()
     return run_dir
+
+
+def prepare_command(args: argparse.Namespace) -> str:
+    """The command that prepares the dataset of this run's config (what `make train` runs first)."""
+    overrides = "".join(f" {shlex.quote(o)}" for o in args.overrides if o.startswith("data."))
+    config = shlex.quote(args.config)
+    return f"python -m data.prepare --config {config}{overrides}  (or: make data CONFIG={config})"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
