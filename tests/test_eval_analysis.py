@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import doctest
 import math
 
 import numpy as np
@@ -107,8 +106,3 @@ def test_predictions_frame_maps_dense_ids_to_raw_ones_and_adds_history_lengths()
     assert out["target_score"].tolist() == pytest.approx([0.9, 0.5])
     # The training-time file: the same first three columns only.
     assert predictions_frame(result, dataset).columns.tolist() == ["user_id", "target_item", "topk"]
-
-
-def test_docstring_example() -> None:
-    result = doctest.testmod(analysis)
-    assert result.attempted > 0 and result.failed == 0

@@ -1,0 +1,24 @@
+"""The docstring examples run as written: models/, models/ops, data/ and training's config, analysis and
+optimizers. (serving/'s examples need a trained export or a running server; they are prose-checked only.)"""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+
+import pytest
+
+MODULES = [
+    *(f"models.{name}" for name in ("config", "embeddings", "hstu", "incremental", "jagged", "loss", "metrics",
+                                    "recommender", "sasrec")),
+    *(f"models.ops.{name}" for name in ("hstu_attention", "hstu_attention_dense", "per_batch")),
+    *(f"data.{name}" for name in ("batch", "interactions", "loader", "sequences", "splits", "synthetic")),
+    *(f"training.{name}" for name in ("analysis", "config", "optimizers")),
+]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples(name: str) -> None:
+    module = importlib.import_module(name)
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0
