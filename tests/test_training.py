@@ -133,6 +133,12 @@ def test_config_overrides_and_errors(tmp_path):
         load_config(ROOT / "configs/ml-1m/hstu.yaml", ["data.max_len=100"])
 
 
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").rglob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_config_loads(path: Path) -> None:
+    cfg = load_config(path)
+    assert cfg.model.max_seq_len >= 1 and cfg.data.batch_size >= 1
+
+
 def test_a_config_typo_is_one_line_with_the_closest_key(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "training.train", "--config", str(ROOT / "configs/ml-1m/hstu.yaml"),
                            "run.epoch=3"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
