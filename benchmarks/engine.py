@@ -34,8 +34,8 @@ import torch
 
 from benchmarks.serve import realistic_artifact
 from serving.artifact import load_artifact
-from serving.engine import Decode, Engine, Prefill, Score
-from serving.validation import Query
+from serving.engine import Engine
+from serving.work import Decode, Prefill, Query, Score
 
 
 def timed(fn, reps: int, device: torch.device) -> float:

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from serving.metrics import Metrics
+from serving.work import Continue
 
 Q = TypeVar("Q")
 R = TypeVar("R")
@@ -77,13 +78,6 @@ class BatcherConfig:
     def __post_init__(self) -> None:
         if self.max_batch_size < 1 or self.max_queue_size < 1 or self.max_queue_delay_ms < 0:
             raise ValueError(f"invalid batcher config {self}")
-
-
-@dataclass(frozen=True)
-class Continue(Generic[Q]):
-    """A result that is not final: compute ``work`` in the next batch for the same caller."""
-
-    work: Q
 
 
 @dataclass

@@ -9,7 +9,7 @@ Example::
 
     >>> engine = Engine(load_artifact("runs/latest/export"))
     >>> engine.warm_up(max_batch_size=32)
-    >>> [rec] = engine.compute([query])       # query from serving.validation.parse_request
+    >>> [rec] = engine.compute([query])       # a serving.work.Query (the server parses one from a request)
     >>> rec.items[:3], rec.scores[:3]         # dense ids, best first; cosine similarities
 """
 
@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -28,102 +28,22 @@ from models.embeddings import l2_normalize
 from models.incremental import PrefixState, append_decoded, extend, extend_candidates, extend_one_each
 from models.recommender import build_encoder, encode_histories, score_items
 from serving.artifact import Artifact
-from serving.batcher import Continue
 from serving.kv_cache import KVCache
-from serving.validation import Query
+from serving.work import (
+    Beam,
+    BeamStep,
+    Continue,
+    Decode,
+    Decoded,
+    Prefill,
+    Prefilled,
+    Query,
+    Recommendation,
+    Score,
+    Work,
+)
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Recommendation:
-    """One query's answer: dense ids best first, their scores, and the history length used."""
-
-    items: np.ndarray
-    scores: np.ndarray
-    history_length: int
-
-
-# --- work items of the KV-cache path (one model step may mix them with plain Querys) --------------
-@dataclass(frozen=True)
-class Prefill:
-    """Bring the user's cached state up to (items, timestamps), computing at most ``budget`` new tokens.
-
-    ``key`` None: nothing is cached (an anonymous history). ``state``: the progress of an earlier
-    chunk (then the cache is not consulted). ``chain``: instead of a partial ``Prefilled``, answer
-    ``Continue`` with the next chunk, which the batcher computes in its next model step.
-    """
-
-    key: str | None
-    items: np.ndarray
-    timestamps: np.ndarray
-    budget: int
-    state: PrefixState | None = None
-    chain: bool = False
-
-
-@dataclass(frozen=True)
-class Prefilled:
-    state: PrefixState
-    remaining: int  # tokens of the history still to compute (submit another Prefill)
-    computed: int  # tokens computed by this step
-
-
-@dataclass(frozen=True)
-class Score:
-    """Retrieve or rank for ``query`` from the user embedding at the end of ``state``."""
-
-    state: PrefixState
-    query: Query
-
-
-@dataclass(frozen=True)
-class Decode:
-    """One generation step: choose the next item after ``state`` and append it.
-
-    ``temperature`` 0 is greedy; above 0 samples with ``generator`` from softmax(cosine / (temperature x
-    the model's trained temperature)), so 1 samples the distribution the model was trained on.
-    The chosen item gets ``timestamp`` (the request's last event time: a time gap of 0).
-    """
-
-    state: PrefixState
-    banned: np.ndarray
-    temperature: float
-    timestamp: int
-    generator: torch.Generator | None = None
-
-
-@dataclass(frozen=True)
-class Decoded:
-    item: int
-    score: float
-    state: PrefixState
-
-
-@dataclass(frozen=True)
-class Beam:
-    """One hypothesis of a beam search: the sequence state after its items, and their log-probability
-    under the model's softmax (cosine / the trained temperature), summed over the steps."""
-
-    state: PrefixState
-    items: tuple[int, ...] = ()
-    scores: tuple[float, ...] = ()  # the cosine score of each item when chosen
-    log_prob: float = 0.0
-
-
-@dataclass(frozen=True)
-class BeamStep:
-    """One step of a beam search: every beam's ``width`` best next items compete, the ``width`` best
-    continuations survive (each beam's survivors appended in one pass). The result: the new beams,
-    best first."""
-
-    beams: tuple[Beam, ...]
-    banned: np.ndarray
-    width: int
-    timestamp: int
-
-
-Work = Query | Prefill | Score | Decode | BeamStep
 
 
 class Engine:

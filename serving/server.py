@@ -45,17 +45,17 @@ from protos.genrec.v1 import recommender_pb2_grpc as pb_grpc
 from serving.artifact import Artifact, load_artifact
 from serving.batcher import BatcherConfig, DeadlineExpired, DynamicBatcher, QueueFull
 from serving.catalogue import AppendLimits, Catalogue
-from serving.engine import Beam, BeamStep, Decode, Engine, Prefill, Recommendation, Score, Work
+from serving.engine import Engine
 from serving.metrics import Metrics
 from serving.validation import (
     InvalidRequest,
-    Query,
     RequestLimits,
     parse_append,
     parse_generate,
     parse_request,
     parse_search,
 )
+from serving.work import Beam, BeamStep, Decode, Prefill, Query, Recommendation, Score, Work
 
 log = logging.getLogger("serving")
 

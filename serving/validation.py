@@ -34,6 +34,7 @@ import numpy as np
 from data.splits import SeenItems
 from protos.genrec.v1 import recommender_pb2 as pb
 from serving.catalogue import Catalogue
+from serving.work import Generation, Query
 
 MAX_TIMESTAMP = float(2**53)
 """Doubles hold every whole second exactly below this; beyond it a timestamp is not a time."""
@@ -71,27 +72,6 @@ class RequestLimits:
     max_generate_items: int = 1_000
     max_beam_work: int = 4_096
     exclude_seen: SeenItems = SeenItems.HISTORY
-
-
-@dataclass(frozen=True)
-class Query:
-    """A validated request in the model's terms (all arrays int64 dense ids / seconds).
-
-    Attributes:
-        items: [n] the history the model sees, oldest first, 1 <= n <= max_len.
-        timestamps: [n] seconds, aligned with ``items``.
-        top_k: items wanted (>= 1).
-        exclude: dense ids never to return (retrieval: history ∪ exclude_item_ids).
-        candidates: [c] unique dense ids to rank, or None for retrieval over the catalogue.
-        chunk_size: items per RecommendStream message.
-    """
-
-    items: np.ndarray
-    timestamps: np.ndarray
-    top_k: int
-    exclude: np.ndarray
-    candidates: np.ndarray | None
-    chunk_size: int
 
 
 def parse_request(request: pb.RecommendRequest, catalogue: Catalogue, limits: RequestLimits) -> Query:
@@ -220,17 +200,6 @@ def parse_append(request: pb.AppendEventsRequest, catalogue: Catalogue, limits: 
         raise InvalidRequest(field, str(e).split(": ", 1)[1]) from None
     old = 0 if stored is None else len(stored)
     return items[old:], stamps[old:]
-
-
-@dataclass(frozen=True)
-class Generation:
-    """A validated GenerateRequest: the user's query (its ``exclude`` holds history and exclusions)."""
-
-    query: Query
-    num_items: int
-    temperature: float
-    seed: int
-    beam_width: int = 0  # 0: no beam search
 
 
 MAX_TEMPERATURE = 100.0

@@ -1,5 +1,6 @@
-"""The docstring examples run as written: models/, models/ops, data/ and training's config, analysis and
-optimizers. (serving/'s examples need a trained export or a running server; they are prose-checked only.)"""
+"""The docstring examples run as written: models/, models/ops, data/, training's config, analysis and
+optimizers, and serving's work types. (serving/'s other examples need a trained export or a running
+server: they are read, not run.)"""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ MODULES = [
     *(f"models.ops.{name}" for name in ("hstu_attention", "hstu_attention_dense", "per_batch")),
     *(f"data.{name}" for name in ("batch", "interactions", "loader", "sequences", "splits", "synthetic")),
     *(f"training.{name}" for name in ("analysis", "config", "optimizers")),
+    "serving.work",
 ]
 
 

@@ -271,7 +271,7 @@ def test_queue_delay_bounds_the_wait_at_low_load(artifact):
 
 def test_continue_computes_the_next_item_in_the_next_batch_for_the_same_caller():
     """A chained item (a long prefill's next chunk) skips the queue and waits for no company."""
-    from serving.batcher import Continue
+    from serving.work import Continue
 
     batches: list[list] = []
 

@@ -5,6 +5,9 @@ without, which computes every history in full and is the reference."""
 from __future__ import annotations
 
 import concurrent.futures
+import subprocess
+import sys
+from pathlib import Path
 
 import grpc
 import pytest
@@ -172,3 +175,14 @@ def test_generate_on_a_model_without_prefix_states_is_unimplemented(tmp_path):
             list(stub.Generate(pb.GenerateRequest(context=pb.RecommendRequest(user_id="1"), num_items=2), timeout=10))
         assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
         assert stub.Recommend(pb.RecommendRequest(user_id="1", top_k=2), timeout=10).items
+
+
+def test_the_model_side_of_serving_does_not_import_the_wire_format() -> None:
+    """The engine and the batcher work on serving.work types: neither the protos nor gRPC nor request
+    parsing is imported with them (a fresh interpreter, since this one has them all loaded)."""
+    code = ("import sys, serving.engine, serving.batcher; "
+            "print(sorted(m for m in sys.modules if m.startswith(('protos', 'grpc', 'serving.validation'))))")
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

@@ -24,10 +24,10 @@ from models.incremental import (
 )
 from models.recommender import encode_histories, score_items
 from serving.artifact import load_artifact
-from serving.engine import Beam, BeamStep, Decode, Engine, Prefill, Score
+from serving.engine import Engine
 from serving.kv_cache import KVCache
 from serving.testing import make_random_artifact
-from serving.validation import Query
+from serving.work import Beam, BeamStep, Decode, Prefill, Query, Score
 
 MAX_LEN = 24
 NUM_ITEMS_IN_ARTIFACT = 60
