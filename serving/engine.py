@@ -46,6 +46,22 @@ from serving.work import (
 log = logging.getLogger(__name__)
 
 
+def sample_softmax(logits: torch.Tensor, generator: torch.Generator | None = None) -> int:
+    """An index drawn from softmax(``logits``) by the exponential race: argmax(logits - log E) with
+    E ~ Exp(1) per entry is distributed exactly as the softmax, so nothing is normalised, no float64 is
+    needed and the catalogue never leaves the device (``generator`` must live on ``logits``' device).
+    Entries of -inf are never drawn.
+
+    Example::
+
+        >>> logits = torch.tensor([0.0, float("-inf"), 2.0])
+        >>> sample_softmax(logits, torch.Generator().manual_seed(0)) in (0, 2)
+        True
+    """
+    race = torch.empty_like(logits).exponential_(generator=generator)
+    return int(torch.argmax(logits - race.log()))
+
+
 class Engine:
     """Holds the encoder and the item vectors; ``compute`` is called from one thread at a time.
 
@@ -225,8 +241,7 @@ class Engine:
         """Draws an item from softmax(cosine / (temperature x ModelConfig.temperature)). Training's logits
         are cosine / ModelConfig.temperature (0.05), so temperature 1 is the distribution the model
         learnt; raw cosines (in [-1, 1]) divided by 1 would be close to uniform over the catalogue."""
-        probs = torch.softmax(scores.double().cpu() / (temperature * self.config.temperature), dim=0)
-        return int(torch.multinomial(probs, 1, generator=generator))
+        return sample_softmax(scores / (temperature * self.config.temperature), generator)
 
     def _beam_steps(self, steps: Sequence[BeamStep]) -> list[tuple[Beam, ...]]:
         return [self._beam_step(step) for step in steps]
@@ -239,13 +254,23 @@ class Engine:
             row[banned] = float("-inf")
             if beam.items:
                 row[torch.tensor(beam.items, device=self.device)] = float("-inf")
-        log_probs = torch.log_softmax(scores.double() / self.config.temperature, dim=1)
-        totals = torch.tensor([b.log_prob for b in beams], dtype=torch.float64, device=self.device)[:, None] + log_probs
+        # Only each beam's `width` best items can survive, so only they get a log-probability: a
+        # top-k and a logsumexp over the catalogue, in float32 on the device, not a log-softmax of it.
+        logits = scores / self.config.temperature
+        norm = torch.logsumexp(logits, dim=1, keepdim=True)
+        top = logits.topk(min(step.width, logits.shape[1]), dim=1)
+        prior = torch.tensor([b.log_prob for b in beams], dtype=torch.float64, device=self.device)[:, None]
+        totals = (top.values - norm).double() + prior  # [beams, width]; NaN where a beam has no item left
+        totals = totals.masked_fill(totals.isnan(), float("-inf"))
         width = min(step.width, int(torch.isfinite(totals).sum()))
-        best = torch.topk(totals.flatten(), width).indices.tolist()
+        flat = torch.topk(totals.flatten(), width).indices
+        rows, ranks = flat // totals.shape[1], flat % totals.shape[1]
+        # The survivors, best first: (beam, item, log-probability of the beam's items and this one).
+        winners = list(zip(rows.tolist(), top.indices[rows, ranks].tolist(), totals[rows, ranks].tolist(),
+                           strict=True))
         chosen: dict[int, list[int]] = {}
-        for flat in best:
-            chosen.setdefault(flat // totals.shape[1], []).append(flat % totals.shape[1])
+        for b, c, _ in winners:
+            chosen.setdefault(b, []).append(c)
         survivors: dict[tuple[int, int], PrefixState] = {}
         for b, items in chosen.items():
             ids = torch.tensor(items, dtype=torch.int64, device=self.device)
@@ -255,13 +280,8 @@ class Engine:
             else:
                 states = [self._append(beams[b].state, c, step.timestamp) for c in items]
             survivors.update({(b, c): st for c, st in zip(items, states, strict=True)})
-        out = []
-        for flat in best:
-            b, c = divmod(flat, totals.shape[1])
-            beam = beams[b]
-            out.append(Beam(survivors[(b, c)], beam.items + (c,), beam.scores + (float(scores[b, c]),),
-                            float(totals[b, c])))
-        return tuple(out)
+        return tuple(Beam(survivors[(b, c)], beams[b].items + (c,), beams[b].scores + (float(scores[b, c]),), total)
+                     for b, c, total in winners)
 
     def _append(self, state: PrefixState, item: int, timestamp: int) -> PrefixState:
         """A full window plus one token: it slides, which a prefix cannot follow, so it is recomputed."""

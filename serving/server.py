@@ -185,6 +185,7 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
         self.version = ""
         self.use_cache = False  # Recommend through Prefill + Score work items
         self.use_prefix_states = False  # the model can keep prefix states (HSTU): Generate works
+        self.device = torch.device("cpu")  # the engine's: where Generate's sampling noise is drawn
         self.prefill_chunk = 64
         self.append_events = True
         self.max_generations = 32
@@ -256,7 +257,8 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
                 item = pb.ScoredItem(item_id=catalogue.raw_ids[item_id], score=score, title=catalogue.titles[item_id])
                 yield pb.GeneratedItem(item=item, step=step, model_version=self.version)
             return
-        generator = torch.Generator().manual_seed(gen.seed) if gen.temperature > 0 else None
+        # On the engine's device: the sampler draws its noise there, next to the scores.
+        generator = torch.Generator(self.device).manual_seed(gen.seed) if gen.temperature > 0 else None
         for step in range(gen.num_items):
             # One work item per step: other requests and generations share each model step.
             chosen = await self._submit(Decode(state, banned, gen.temperature, stamp, generator), context,
@@ -493,7 +495,7 @@ class RecommenderServer:
         s = self._servicer
         s.catalogue, s.batcher, s.version = catalogue, batcher, self.engine.version
         s.use_cache, s.prefill_chunk = self.engine.cache is not None, cfg.prefill_chunk_tokens
-        s.use_prefix_states = self.engine.incremental
+        s.use_prefix_states, s.device = self.engine.incremental, self.engine.device
         s.max_generations, s.append_events = cfg.max_generations, cfg.append_events
         s.limits = RequestLimits(max_len=self.engine.max_len, max_request_bytes=cfg.max_request_bytes,
                                  max_id_chars=cfg.max_id_chars, max_generate_items=cfg.max_generate_items,

@@ -24,7 +24,7 @@ from models.incremental import (
 )
 from models.recommender import encode_histories, score_items
 from serving.artifact import load_artifact
-from serving.engine import Engine
+from serving.engine import Engine, sample_softmax
 from serving.kv_cache import KVCache
 from serving.testing import make_random_artifact
 from serving.work import Beam, BeamStep, Decode, Prefill, Query, Score
@@ -238,8 +238,8 @@ def test_a_very_small_temperature_is_greedy(artifact) -> None:
 
 def test_temperature_one_samples_the_trained_distribution(artifact) -> None:
     """At temperature 1 the sampler draws from softmax(cosine / ModelConfig.temperature), the
-    distribution the model was trained on: with the same generator, every draw is the draw from
-    exactly those probabilities."""
+    distribution the model was trained on: with the same generator, every draw is ``sample_softmax``'s
+    draw from exactly those (float64) probabilities, whose exactness the next test checks."""
     engine = Engine(artifact)
     assert engine.config.temperature == 0.05
     items, stamps = history(7, 10)
@@ -250,7 +250,18 @@ def test_temperature_one_samples_the_trained_distribution(artifact) -> None:
     trained = torch.softmax(cosine / 0.05, dim=0)
     for seed in range(20):
         (step,) = engine.compute([Decode(state, banned, 1.0, int(stamps[-1]), torch.Generator().manual_seed(seed))])
-        assert step.item == int(torch.multinomial(trained, 1, generator=torch.Generator().manual_seed(seed))), seed
+        assert step.item == sample_softmax(trained.log(), torch.Generator().manual_seed(seed)), seed
+
+
+def test_sample_softmax_draws_the_softmax_distribution() -> None:
+    """The exponential race against the probabilities themselves: 20,000 draws over 6 outcomes (one
+    impossible), each frequency within 4.5 standard deviations of its probability."""
+    logits = torch.tensor([1.0, 0.0, -1.0, 2.5, float("-inf"), 0.5])
+    probs = torch.softmax(logits.double(), dim=0).numpy()
+    gen, n = torch.Generator().manual_seed(0), 20_000
+    counts = np.bincount([sample_softmax(logits, gen) for _ in range(n)], minlength=len(probs))
+    assert counts[4] == 0
+    np.testing.assert_array_less(np.abs(counts / n - probs), 4.5 * np.sqrt(probs * (1 - probs) / n) + 1e-12)
 
 
 def test_sasrec_has_no_prefix_states(tmp_path) -> None:
