@@ -37,6 +37,7 @@ Design (what differs from a softmax flash-attention, and why):
 Knobs (environment, read per call): ``HSTU_ATTN_AUTOTUNE=0`` uses the first candidate config of each
 kernel instead of autotuning (saves compile time); ``HSTU_ATTN_SILU=exact|tanh|tanh_f16x2`` picks the
 16-bit SiLU evaluation (default ``tanh``).  Under ``TRITON_INTERPRET=1`` one small fixed config is used.
+In code, ``with kernel_configs(fwd=tile_config(...)):`` pins a kernel's config (sweeps, tests).
 Results and measurements: docs/benchmarks.md.
 """
 
@@ -569,24 +570,39 @@ def _hstu_bwd_dq_kernel(
 # Launch configurations
 # ----------------------------------------------------------------------------------------------
 
+def tile_config(block_m: int, block_n: int, num_warps: int, num_stages: int, diag: bool = False,
+                maxnreg: int | None = None, loop_stages: int | None = None) -> triton.Config:
+    """A launch configuration of one kernel: its tile (query rows x key rows), warps, pipeline
+    stages, optional register cap, and the fwd / dQ key loops' own pipelining (None: num_stages).
+
+    ``diag`` adds the width of the dK/dV kernel's diagonal gather; ``kernel_configs`` adds it itself
+    to a dK/dV configuration that lacks it.
+
+    >>> tile_config(64, 32, 4, 3).kwargs
+    {'BLOCK_M': 64, 'BLOCK_N': 32}
+    """
+    kwargs = {"BLOCK_M": block_m, "BLOCK_N": block_n}
+    if diag:
+        kwargs["DIAG"] = _diag(block_m, block_n)
+    if loop_stages is not None:
+        kwargs["LOOP_STAGES"] = loop_stages
+    return triton.Config(kwargs, num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg)
+
+
+def _diag(block_m: int, block_n: int) -> int:
+    return triton.next_power_of_2(block_m + block_n - 1)
+
+
+_cfg = tile_config  # short name for the candidate tables below
+
 # Under TRITON_INTERPRET=1 one small configuration, no autotuning (each interpreted op costs the
 # same whatever the tile size, so small tiles keep masks and multi-block loops exercised cheaply).
 # BLOCK_M != BLOCK_N on purpose: the loop-bound arithmetic must not rely on square tiles.
-INTERPRETER_CONFIGS = {
-    "fwd": {"BLOCK_M": 32, "BLOCK_N": 16},
-    "dkdv": {"BLOCK_M": 16, "BLOCK_N": 32},
-    "dq": {"BLOCK_M": 32, "BLOCK_N": 16},
+_INTERPRETER_CONFIGS = {
+    "fwd": triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}),
+    "dkdv": triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}),
+    "dq": triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}),
 }
-
-
-def _cfg(bm: int, bn: int, warps: int, stages: int, diag: bool = False, maxnreg: int | None = None,
-         loop_stages: int | None = None) -> triton.Config:
-    kwargs = {"BLOCK_M": bm, "BLOCK_N": bn}
-    if diag:
-        kwargs["DIAG"] = triton.next_power_of_2(bm + bn - 1)
-    if loop_stages is not None:  # the fwd / dQ key loops' software pipelining (None: num_stages)
-        kwargs["LOOP_STAGES"] = loop_stages
-    return triton.Config(kwargs, num_warps=warps, num_stages=stages, maxnreg=maxnreg)
 
 
 # Hopper (H100/H200) candidates, per kernel and per variant, chosen from the compiler's register
@@ -669,19 +685,49 @@ def _tuned(which: str):
 
 
 def _launch(which: str, kernel, grid_rows, bh: int, args: tuple, meta: dict) -> None:
-    """Launch ``kernel`` fixed-config (interpreter / autotuning off) or through its autotuner."""
-    if _INTERPRET:
-        cfg = dict(INTERPRETER_CONFIGS[which])
-        if which == "dkdv":
-            cfg["DIAG"] = triton.next_power_of_2(cfg["BLOCK_M"] + cfg["BLOCK_N"] - 1)
-        kernel[(bh * triton.cdiv(grid_rows, cfg[_GRID_BLOCK[which]]),)](*args, **meta, **cfg)
+    """Launch ``kernel`` with a fixed config (pinned by ``kernel_configs``, the interpreter's, or
+    the first candidate when autotuning is off) or through its autotuner."""
+    cfg = _PINNED.get(which)
+    if cfg is None and _INTERPRET:
+        cfg = _INTERPRETER_CONFIGS[which]
+    if cfg is None and os.environ.get("HSTU_ATTN_AUTOTUNE", "1") == "0":
+        cfg = _CONFIGS[which][_variant(which, meta)][0]
+    if cfg is None:
+        tuned = _tuned(which)
+        tuned[lambda m: (bh * triton.cdiv(grid_rows, m[_GRID_BLOCK[which]]),)](*args, **meta)
         return
-    if os.environ.get("HSTU_ATTN_AUTOTUNE", "1") == "0":
-        c = _CONFIGS[which][_variant(which, meta)][0]
-        kernel[(bh * triton.cdiv(grid_rows, c.kwargs[_GRID_BLOCK[which]]),)](*args, **meta, **c.all_kwargs())
-        return
-    tuned = _tuned(which)
-    tuned[lambda m: (bh * triton.cdiv(grid_rows, m[_GRID_BLOCK[which]]),)](*args, **meta)
+    blocks = dict(cfg.kwargs)
+    if which == "dkdv" and "DIAG" not in blocks:
+        blocks["DIAG"] = _diag(blocks["BLOCK_M"], blocks["BLOCK_N"])
+    # The interpreter runs no compiler: warps, stages and register caps mean nothing to it.
+    launch = blocks if _INTERPRET else {**cfg.all_kwargs(), **blocks}
+    kernel[(bh * triton.cdiv(grid_rows, blocks[_GRID_BLOCK[which]]),)](*args, **meta, **launch)
+
+
+_PINNED: dict[str, triton.Config] = {}
+
+
+@contextlib.contextmanager
+def kernel_configs(*, fwd: triton.Config | None = None, dq: triton.Config | None = None,
+                   dkdv: triton.Config | None = None) -> Iterator[None]:
+    """Launch the given kernels with these configurations (``tile_config``) inside the ``with``
+    block, for every variant (bias or not, any head dim), instead of autotuning or the
+    interpreter's fixed tiles.
+
+    For config sweeps (``benchmarks/kernel_configs.py``) and for tests of other tile shapes, so
+    that neither edits the candidate lists.  A kernel left None keeps its usual choice; an inner
+    block overrides an outer one, and the previous pins come back on exit, exception or not.
+
+    >>> with kernel_configs(fwd=tile_config(16, 16, 4, 1)):
+    ...     pass
+    """
+    global _PINNED
+    pins = {"fwd": fwd, "dq": dq, "dkdv": dkdv}
+    prev, _PINNED = _PINNED, {**_PINNED, **{w: c for w, c in pins.items() if c is not None}}
+    try:
+        yield
+    finally:
+        _PINNED = prev
 
 
 # Each (sequence, head) pair gets cdiv(max_len, block) programs: query blocks (fwd, dq) or key blocks (dkdv).
