@@ -35,7 +35,7 @@ Design (what differs from a softmax flash-attention, and why):
   grid is made of short programs.
 
 Knobs (environment, read per call): ``HSTU_ATTN_AUTOTUNE=0`` uses the first candidate config of each
-kernel instead of autotuning (saves compile time); ``HSTU_ATTN_SILU=exact|tanh|tanh_f16x2`` picks the
+kernel instead of autotuning (saves compile time); ``HSTU_ATTN_SILU=exact|tanh`` picks the
 16-bit SiLU evaluation (default ``tanh``).  Under ``TRITON_INTERPRET=1`` one small fixed config is used.
 In code, ``with kernel_configs(fwd=tile_config(...)):`` pins a kernel's config (sweeps, tests).
 Results and measurements: docs/benchmarks.md.
@@ -61,8 +61,7 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # SiLU evaluation modes (constexpr SILU_MODE).
 SILU_EXACT = 0  # 1 / (1 + exp(-s)): fp32 inputs, CPU interpreter
 SILU_TANH = 1  # tanh.approx.f32: one special-function op per element
-SILU_TANH_F16X2 = 2  # tanh.approx.f16x2: one special-function op per two elements (coarser)
-_SILU_BY_NAME = {"exact": SILU_EXACT, "tanh": SILU_TANH, "tanh_f16x2": SILU_TANH_F16X2}
+_SILU_BY_NAME = {"exact": SILU_EXACT, "tanh": SILU_TANH}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -71,16 +70,8 @@ _SILU_BY_NAME = {"exact": SILU_EXACT, "tanh": SILU_TANH, "tanh_f16x2": SILU_TANH
 
 
 @triton.jit
-def _tanh_approx(h, SILU_MODE: tl.constexpr):
-    if SILU_MODE == 1:
-        return tl.inline_asm_elementwise(
-            "tanh.approx.f32 $0, $1;", "=f,f", [h], dtype=tl.float32, is_pure=True, pack=1
-        )
-    else:
-        t = tl.inline_asm_elementwise(
-            "tanh.approx.f16x2 $0, $1;", "=r,r", [h.to(tl.float16)], dtype=tl.float16, is_pure=True, pack=2
-        )
-        return t.to(tl.float32)
+def _tanh_approx(h):
+    return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [h], dtype=tl.float32, is_pure=True, pack=1)
 
 
 @triton.jit
@@ -89,7 +80,7 @@ def _silu_of_half(h, SILU_MODE: tl.constexpr):
     if SILU_MODE == 0:
         return (2.0 * h) / (1.0 + tl.exp(-2.0 * h))
     else:
-        t = _tanh_approx(h, SILU_MODE)
+        t = _tanh_approx(h)
         return h + h * t
 
 
@@ -101,7 +92,7 @@ def _silu_and_grad_of_half(h, SILU_MODE: tl.constexpr):
         sig = 1.0 / (1.0 + tl.exp(-s))
         return s * sig, sig * (1.0 + s * (1.0 - sig))
     else:
-        t = _tanh_approx(h, SILU_MODE)
+        t = _tanh_approx(h)
         one_t = 1.0 + t
         return h * one_t, 0.5 * one_t * (1.0 + h * (1.0 - t))
 
@@ -114,7 +105,7 @@ def _silu_grad_of_half(h, SILU_MODE: tl.constexpr):
         sig = 1.0 / (1.0 + tl.exp(-s))
         return sig * (1.0 + s * (1.0 - sig))
     else:
-        t = _tanh_approx(h, SILU_MODE)
+        t = _tanh_approx(h)
         return 0.5 * (1.0 + t) * (1.0 + h * (1.0 - t))
 
 
