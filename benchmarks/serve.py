@@ -75,8 +75,9 @@ def realistic_artifact(history_len: int, num_items: int = 3706, num_users: int =
     """ML-1M-sized random export (cached): every user has ``history_len`` events."""
     path = CACHE / f"export-{num_items}x50-h{history_len}-u{num_users}"
     if not (path / "config.json").exists():
-        from models.config import ModelConfig  # torch imports only when an export must be built
-        from serving.testing import make_random_artifact
+        # torch imports only when an export must be built
+        from benchmarks.random_export import make_random_artifact
+        from models.config import ModelConfig
 
         print(f"writing a random export to {path} ...", file=sys.stderr)
         make_random_artifact(path, num_items=num_items, num_users=num_users, config=ModelConfig(),
@@ -191,7 +192,7 @@ async def _one(stub: pb_grpc.RecommenderServiceStub, request: pb.RecommendReques
 
 def history_requests(length: int, num_items: int, seed: int) -> Iterator[pb.RecommendRequest]:
     """Anonymous requests carrying ``length`` random events: each is computed from nothing."""
-    from serving.testing import raw_item_id
+    from benchmarks.random_export import raw_item_id
 
     rng = np.random.default_rng(seed)
     while True:

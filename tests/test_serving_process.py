@@ -17,11 +17,12 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from benchmarks.random_export import make_random_artifact, raw_item_id
 from protos.genrec.v1 import recommender_pb2 as pb
 from protos.genrec.v1 import recommender_pb2_grpc as pb_grpc
 from serving.client import main as client_main
 from serving.server import SERVICE_NAME, ServerConfig
-from serving.testing import ServerThread, make_random_artifact, raw_item_id
+from tests.serving_fixtures import ServerThread
 
 ROOT = Path(__file__).resolve().parents[1]
 
