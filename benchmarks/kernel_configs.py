@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable
 
 import torch
 import triton
@@ -24,7 +25,7 @@ import triton
 from benchmarks.kernel import flops_fwd, make_batch
 from models.ops import hstu_attention_triton as hat
 
-C = hat._cfg
+C = hat.tile_config
 CANDIDATES = {
     "fwd": [
         C(128, 64, 8, 3),
@@ -80,6 +81,25 @@ BIAS_CANDIDATES = {
 }
 
 
+def _time(which: str, cfg: triton.Config, fwd: Callable[[], torch.Tensor], grad: torch.Tensor,
+          leaves: list[torch.Tensor]) -> tuple[float, float, float]:
+    """(ms end to end, ms replayed from a CUDA graph or NaN, FLOP multiplier) of ``which`` run
+    with ``cfg``: the forward alone for the fwd kernel, forward + backward for the others."""
+    with hat.kernel_configs(**{which: cfg}):
+        if which == "fwd":
+            with torch.no_grad():
+                return (triton.testing.do_bench(fwd, return_mode="median"),
+                        triton.testing.do_bench_cudagraph(fwd, return_mode="median"), 1.0)
+        for t in leaves:
+            t.requires_grad_(True)
+        try:
+            ms = triton.testing.do_bench(lambda: fwd().backward(grad), grad_to_none=leaves, return_mode="median")
+        finally:
+            for t in leaves:
+                t.requires_grad_(False)
+        return ms, float("nan"), 3.5
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=4096)
@@ -89,8 +109,6 @@ def main(argv=None) -> int:
     os.environ["HSTU_ATTN_AUTOTUNE"] = "0"
     b = make_batch(args.n, 512 * 1024, 4, 128, torch.bfloat16, args.bias, 0)
     fl = flops_fwd(b["lengths"], 4, 128)
-    variant = {"fwd": "bias", "dq": "bias", "dkdv": "bias_grad"} if args.bias else dict.fromkeys(CANDIDATES, "plain")
-    default = {k: list(v[variant[k]]) for k, v in hat._CONFIGS.items()}
     candidates = BIAS_CANDIDATES if args.bias else CANDIDATES
     rab_leaves = [b["rab"].pos_weights, b["rab"].time_weights] if args.bias else []
 
@@ -101,26 +119,11 @@ def main(argv=None) -> int:
     print("| kernel | config | ms (end to end) | TFLOP/s | ms (CUDA graph) | TFLOP/s |\n|---|---|--:|--:|--:|--:|")
     for which in args.kernels:
         for cfg in candidates[which]:
-            hat._CONFIGS[which][variant[which]] = [cfg]
             try:
-                if which == "fwd":
-                    with torch.no_grad():
-                        ms = triton.testing.do_bench(fwd, return_mode="median")
-                        graph_ms = triton.testing.do_bench_cudagraph(fwd, return_mode="median")
-                    mult = 1.0
-                else:
-                    leaves = [t.requires_grad_(True) for t in (b["q"], b["k"], b["v"], *rab_leaves)]
-                    ms = triton.testing.do_bench(
-                        lambda: fwd().backward(b["do"]), grad_to_none=leaves, return_mode="median"
-                    )
-                    graph_ms, mult = float("nan"), 3.5
-                    for t in leaves:
-                        t.requires_grad_(False)
+                ms, graph_ms, mult = _time(which, cfg, fwd, b["do"], [b["q"], b["k"], b["v"], *rab_leaves])
             except Exception as e:  # noqa: BLE001 (a config the compiler refuses is a result too)
                 print(f"| {which} | {cfg} | failed: {str(e).splitlines()[0][:60]} | | | |", flush=True)
                 continue
-            finally:
-                hat._CONFIGS[which][variant[which]] = default[which]
             print(
                 f"| {which} | {cfg} | {ms:.3f} | {mult * fl / ms / 1e9:.1f} | {graph_ms:.3f} | "
                 f"{fl / graph_ms / 1e9:.1f} |",

@@ -37,14 +37,17 @@ import collections
 import contextlib
 import datetime
 import functools
+import json
 import multiprocessing
 import os
 import platform
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -75,8 +78,9 @@ def realistic_artifact(history_len: int, num_items: int = 3706, num_users: int =
     """ML-1M-sized random export (cached): every user has ``history_len`` events."""
     path = CACHE / f"export-{num_items}x50-h{history_len}-u{num_users}"
     if not (path / "config.json").exists():
-        from models.config import ModelConfig  # torch imports only when an export must be built
-        from serving.testing import make_random_artifact
+        # torch imports only when an export must be built
+        from benchmarks.random_export import make_random_artifact
+        from models.config import ModelConfig
 
         print(f"writing a random export to {path} ...", file=sys.stderr)
         make_random_artifact(path, num_items=num_items, num_users=num_users, config=ModelConfig(),
@@ -101,26 +105,24 @@ class ServerProcess:
     log: list[str] = field(default_factory=list)
 
     def __enter__(self) -> ServerProcess:
+        ready = Path(tempfile.mkdtemp(prefix="bench-serve-")) / "ready.json"
         cmd = [sys.executable, "-m", "serving.server", "--artifact", str(self.artifact), "--port", "0",
                "--max-batch-size", str(self.max_batch_size), "--max-queue-delay-ms", str(self.max_queue_delay_ms),
                "--max-queue-size", str(self.max_queue_size), "--torch-threads", str(self.torch_threads),
-               "--metrics-port", "0", "--device", self.device, *self.extra]
+               "--metrics-port", "0", "--device", self.device, "--ready-file", str(ready), *self.extra]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        watchdog = threading.Timer(300, self.proc.kill)
-        watchdog.start()
-        for line in self.proc.stderr:
-            self.log.append(line)
-            if m := re.search(r"listening on 127\.0\.0\.1:(\d+)", line):
-                self.port = int(m.group(1))
-            if "SERVING model" in line:
-                self.metrics_port = int(line.rsplit(" ", 1)[-1])
-                break
-        watchdog.cancel()
-        if self.proc.poll() is not None or not self.port:
-            raise RuntimeError("server did not start:\n" + "".join(self.log))
         # Keep draining its log so a full pipe never blocks the server.
         threading.Thread(target=lambda: self.log.extend(self.proc.stderr), daemon=True).start()
+        give_up = time.monotonic() + 300
+        while not ready.exists() and self.proc.poll() is None and time.monotonic() < give_up:
+            time.sleep(0.1)
+        if not ready.exists():
+            self.proc.kill()
+            raise RuntimeError("server did not start:\n" + "".join(self.log))
+        ports = json.loads(ready.read_text())
+        shutil.rmtree(ready.parent)
+        self.port, self.metrics_port = ports["port"], ports["metrics_port"]
         self.ps = psutil.Process(self.proc.pid)
         return self
 
@@ -191,7 +193,7 @@ async def _one(stub: pb_grpc.RecommenderServiceStub, request: pb.RecommendReques
 
 def history_requests(length: int, num_items: int, seed: int) -> Iterator[pb.RecommendRequest]:
     """Anonymous requests carrying ``length`` random events: each is computed from nothing."""
-    from serving.testing import raw_item_id
+    from benchmarks.random_export import raw_item_id
 
     rng = np.random.default_rng(seed)
     while True:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -113,6 +114,8 @@ class ServerConfig:
             authenticates no caller: keep it on only where every caller that can reach the port is
             trusted to write users' histories (the README's "Trust boundary").
         max_appended_users, max_appended_events: what AppendEvents may hold (``AppendLimits``).
+        ready_file: once SERVING, write ``{"host", "port", "metrics_port"}`` here as JSON, atomically, so a
+            launcher that asked for port 0 learns the bound ports without parsing the log.
     """
 
     artifact: Path
@@ -143,6 +146,7 @@ class ServerConfig:
     append_events: bool = True
     max_appended_users: int = AppendLimits.max_users
     max_appended_events: int = AppendLimits.max_events
+    ready_file: Path | None = None
 
     def grpc_options(self) -> list[tuple[str, int]]:
         ms = lambda s: int(s * 1000)
@@ -476,6 +480,9 @@ class RecommenderServer:
             await self._set_health(health_pb2.HealthCheckResponse.SERVING)
             log.info("SERVING model %s (%d items); metrics port %s", self._servicer.version,
                      self.engine.num_items if self.engine else 0, self.metrics_port)
+            if cfg.ready_file is not None:
+                _write_ready_file(cfg.ready_file, {"host": cfg.host, "port": self.port,
+                                                  "metrics_port": self.metrics_port})
         return self.port
 
     async def _load(self, artifact: Artifact) -> None:
@@ -541,6 +548,14 @@ class RecommenderServer:
             await self._health.set(name, status)
 
 
+def _write_ready_file(path: Path, ports: dict[str, object]) -> None:
+    """Writes ``ports`` as JSON to ``path`` through a file beside it and a rename, so a reader polling
+    for ``path`` never sees it half-written."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(ports))
+    os.replace(tmp, path)
+
+
 # --- command line --------------------------------------------------------------------------------
 def parse_args(argv: Sequence[str] | None = None) -> ServerConfig:
     d = ServerConfig(artifact=Path("runs/latest/export"))
@@ -576,6 +591,8 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerConfig:
                    help="users whose appended events are held (least recently used dropped first)")
     p.add_argument("--max-appended-events", type=int, default=d.max_appended_events,
                    help="appended events held per user (the most recent)")
+    p.add_argument("--ready-file", type=Path, default=None,
+                   help='once SERVING, write {"host", "port", "metrics_port"} here as JSON (atomically)')
     p.add_argument("--max-id-chars", type=int, default=d.max_id_chars, help="longest user_id accepted")
     p.add_argument("--exclude-seen", choices=[r.value for r in SeenItems], default=None,
                    help="never recommend the user's whole history or only the model's window (default: the "
@@ -596,7 +613,7 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerConfig:
         kv_cache_mb=a.kv_cache_mb, prefill_chunk_tokens=a.prefill_chunk_tokens, cuda_graphs=a.cuda_graphs,
         max_id_chars=a.max_id_chars, max_generations=a.max_generations, max_generate_items=a.max_generate_items,
         max_beam_work=a.max_beam_work, append_events=a.append_events, max_appended_users=a.max_appended_users,
-        max_appended_events=a.max_appended_events,
+        max_appended_events=a.max_appended_events, ready_file=a.ready_file,
         exclude_seen=None if a.exclude_seen is None else SeenItems(a.exclude_seen),
     )
 

@@ -263,17 +263,38 @@ def test_poison_hook_fills_nan():
 @needs_interpreter
 @pytest.mark.slow
 @pytest.mark.parametrize("blocks", [(16, 16, 16, 16), (16, 32, 32, 16)])
-def test_larger_batches_and_other_block_shapes(blocks, monkeypatch):
+def test_larger_batches_and_other_block_shapes(blocks):
     """Longer sequences, D=128, four heads, and other tile shapes (square; BLOCK_N > BLOCK_M)."""
     bm, bn, dkdv_bm, dkdv_bn = blocks
-    monkeypatch.setitem(hat.INTERPRETER_CONFIGS, "fwd", {"BLOCK_M": bm, "BLOCK_N": bn})
-    monkeypatch.setitem(hat.INTERPRETER_CONFIGS, "dq", {"BLOCK_M": bm, "BLOCK_N": bn})
-    monkeypatch.setitem(hat.INTERPRETER_CONFIGS, "dkdv", {"BLOCK_M": dkdv_bm, "BLOCK_N": dkdv_bn})
     case_id = f"large-{blocks}"
     g = torch.Generator().manual_seed(_seed(case_id))
     lengths = [int(x) for x in torch.randint(1, 400, (5,), generator=g)] + [1]
     case = _make_case(_seed(case_id), lengths, 4, 128, 128, bias=True, targets=True, max_seq_len=512)
-    _check(case, tol=1e-4)
+    with hat.kernel_configs(fwd=hat.tile_config(bm, bn, 4, 1), dq=hat.tile_config(bm, bn, 4, 1),
+                            dkdv=hat.tile_config(dkdv_bm, dkdv_bn, 4, 1)):
+        _check(case, tol=1e-4)
+
+
+@needs_interpreter
+def test_kernel_configs_pins_tiles_and_restores_them_after_an_error():
+    """A pinned tile reaches the kernel (a 24-row tile is no power of two, which tl.arange refuses);
+    an inner block overrides an outer one, and leaving a block, by an error too, brings back the
+    tiles in force before it."""
+    c = _make_case(_seed("pinned"), [20, 11], 1, 16, 16, bias=False, targets=False)
+    ref = hstu_attention_reference(c["q"], c["k"], c["v"], c["offsets"], c["max_seq_len"], c["alpha"])
+    bad, good = hat.tile_config(24, 16, 4, 1), hat.tile_config(16, 16, 4, 1)
+
+    def run():
+        return hat.hstu_attention_triton(c["q"], c["k"], c["v"], c["offsets"], c["max_seq_len"], c["alpha"])
+
+    with pytest.raises(Exception, match="power of 2"), hat.kernel_configs(fwd=bad):
+        run()
+    assert _rel_err(run(), ref) < 1e-4
+    with hat.kernel_configs(fwd=bad):
+        with hat.kernel_configs(fwd=good):
+            assert _rel_err(run(), ref) < 1e-4
+        with pytest.raises(Exception, match="power of 2"):
+            run()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
+from benchmarks.random_export import make_random_artifact
 from data.loader import make_dataloader
 from data.prepare import PreparedDataset
 from data.splits import SeenItems, Split
@@ -19,7 +20,6 @@ from data.synthetic import SyntheticConfig, synthetic_interactions
 from protos.genrec.v1 import recommender_pb2 as pb
 from serving.artifact import load_artifact, save_artifact
 from serving.catalogue import Catalogue
-from serving.testing import make_random_artifact
 from serving.validation import RequestLimits, parse_request
 
 MAX_LEN = 8

@@ -13,13 +13,14 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from benchmarks.random_export import START_TIME, make_random_artifact, raw_item_id
 from data.batch import SeqBatch
 from models.recommender import score_items
 from protos.genrec.v1 import recommender_pb2 as pb
 from protos.genrec.v1 import recommender_pb2_grpc as pb_grpc
 from serving.artifact import load_artifact
 from serving.server import SERVICE_NAME, ServerConfig
-from serving.testing import START_TIME, ServerThread, make_random_artifact, raw_item_id
+from tests.serving_fixtures import ServerThread
 
 NUM_ITEMS = 60
 MAX_LEN = 32  # make_random_artifact's default model

@@ -9,10 +9,10 @@ import pandas as pd
 import pytest
 import torch
 
+from benchmarks.random_export import make_random_artifact, raw_item_id
 from models.config import ModelConfig
 from serving.artifact import load_artifact, save_artifact
 from serving.catalogue import Catalogue
-from serving.testing import make_random_artifact, raw_item_id
 
 
 def small_tables(num_items: int = 4):

@@ -1,6 +1,6 @@
 """Dynamic batching, back-pressure, deadlines and graceful shutdown, against a real server.
 
-A ``Gate`` (``serving.testing``) wraps the engine so a test can hold the model thread busy for as long as
+A ``Gate`` (``tests/serving_fixtures.py``) wraps the engine so a test can hold the model thread busy for as long as
 it needs, which makes queue-full and deadline cases deterministic instead of timing-dependent.
 """
 
@@ -17,12 +17,13 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from benchmarks.random_export import make_random_artifact, raw_item_id
 from protos.genrec.v1 import recommender_pb2 as pb
 from protos.genrec.v1 import recommender_pb2_grpc as pb_grpc
 from serving import server as server_module
 from serving.batcher import BatcherConfig, DeadlineExpired, DynamicBatcher, QueueFull
 from serving.server import SERVICE_NAME, ServerConfig
-from serving.testing import Gate, ServerThread, make_random_artifact, raw_item_id
+from tests.serving_fixtures import Gate, ServerThread
 
 NUM_ITEMS = 40
 

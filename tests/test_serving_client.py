@@ -11,13 +11,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from benchmarks.random_export import make_random_artifact
 from protos.genrec.v1 import recommender_pb2 as pb
 from protos.genrec.v1 import recommender_pb2_grpc as pb_grpc
 from serving.catalogue import Catalogue
 from serving.client import format_table
 from serving.client import main as client_main
 from serving.server import ServerConfig
-from serving.testing import ServerThread, make_random_artifact
+from tests.serving_fixtures import ServerThread
 
 MATRIX, STARS, SHAWSHANK = "Matrix, The (1999)", "Stars @ Night, The (2001)", "Shawshank Redemption, The (1994)"
 TITLES = [MATRIX, STARS, SHAWSHANK, "Toy Story (1995)", *(f"Film {i}, Part {i % 3} ({1950 + i})" for i in range(26))]

@@ -12,10 +12,11 @@ from pathlib import Path
 import grpc
 import pytest
 
+from benchmarks.random_export import START_TIME, make_random_artifact, raw_item_id
 from protos.genrec.v1 import recommender_pb2 as pb
 from protos.genrec.v1 import recommender_pb2_grpc as pb_grpc
 from serving.server import ServerConfig
-from serving.testing import START_TIME, ServerThread, make_random_artifact, raw_item_id
+from tests.serving_fixtures import ServerThread
 
 NUM_ITEMS = 60
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from benchmarks.random_export import make_random_artifact
 from models.config import EncoderType, ModelConfig
 from models.hstu import HSTU
 from models.incremental import (
@@ -26,7 +27,6 @@ from models.recommender import encode_histories, score_items
 from serving.artifact import load_artifact
 from serving.engine import Engine, sample_softmax
 from serving.kv_cache import KVCache
-from serving.testing import make_random_artifact
 from serving.work import Beam, BeamStep, Decode, Prefill, Query, Score
 
 MAX_LEN = 24

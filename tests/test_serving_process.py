@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -17,11 +18,12 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from benchmarks.random_export import make_random_artifact, raw_item_id
 from protos.genrec.v1 import recommender_pb2 as pb
 from protos.genrec.v1 import recommender_pb2_grpc as pb_grpc
 from serving.client import main as client_main
 from serving.server import SERVICE_NAME, ServerConfig
-from serving.testing import ServerThread, make_random_artifact, raw_item_id
+from tests.serving_fixtures import ServerThread
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -84,6 +86,33 @@ def test_serves_until_sigterm_then_goes_not_serving_and_exits_cleanly(artifact, 
             proc.kill()
     rest = proc.stderr.read()
     assert "got SIGTERM" in rest and "stopped" in rest, "".join(log) + rest
+
+
+def test_ready_file_names_the_bound_ports_once_serving(artifact, tmp_path):
+    """``--ready-file``: a launcher that asked for port 0 reads the ports from a JSON file, written
+    once the server is SERVING, instead of parsing the log."""
+    ready = tmp_path / "ready.json"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "serving.server", "--artifact", str(artifact), "--port", "0", "--metrics-port", "0",
+         "--ready-file", str(ready)],
+        cwd=ROOT, stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        give_up = time.monotonic() + 120
+        while not ready.exists() and proc.poll() is None and time.monotonic() < give_up:
+            time.sleep(0.05)
+        ports = json.loads(ready.read_text())
+        assert ports["host"] == "127.0.0.1" and ports["port"] > 0 and ports["metrics_port"] > 0
+        assert [p.name for p in tmp_path.iterdir()] == ["ready.json"]  # no temporary file left beside it
+        with grpc.insecure_channel(f"127.0.0.1:{ports['port']}") as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME),
+                                                              timeout=30)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
 
 
 def test_a_missing_artifact_fails_in_one_line_before_listening(tmp_path):

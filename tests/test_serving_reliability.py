@@ -13,12 +13,13 @@ import grpc
 import pytest
 from grpc._cython.cygrpc import ExecuteBatchError
 
+from benchmarks.random_export import make_random_artifact
 from protos.genrec.v1 import recommender_pb2 as pb
 from protos.genrec.v1 import recommender_pb2_grpc as pb_grpc
 from serving.batcher import BatcherConfig
 from serving.metrics import Metrics
 from serving.server import RecommenderServicer, ServerConfig
-from serving.testing import Gate, ServerThread, make_random_artifact
+from tests.serving_fixtures import Gate, ServerThread
 
 NUM_ITEMS = 3000  # room for long generations
 

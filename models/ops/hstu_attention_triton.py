@@ -35,8 +35,9 @@ Design (what differs from a softmax flash-attention, and why):
   grid is made of short programs.
 
 Knobs (environment, read per call): ``HSTU_ATTN_AUTOTUNE=0`` uses the first candidate config of each
-kernel instead of autotuning (saves compile time); ``HSTU_ATTN_SILU=exact|tanh|tanh_f16x2`` picks the
+kernel instead of autotuning (saves compile time); ``HSTU_ATTN_SILU=exact|tanh`` picks the
 16-bit SiLU evaluation (default ``tanh``).  Under ``TRITON_INTERPRET=1`` one small fixed config is used.
+In code, ``with kernel_configs(fwd=tile_config(...)):`` pins a kernel's config (sweeps, tests).
 Results and measurements: docs/benchmarks.md.
 """
 
@@ -60,8 +61,7 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # SiLU evaluation modes (constexpr SILU_MODE).
 SILU_EXACT = 0  # 1 / (1 + exp(-s)): fp32 inputs, CPU interpreter
 SILU_TANH = 1  # tanh.approx.f32: one special-function op per element
-SILU_TANH_F16X2 = 2  # tanh.approx.f16x2: one special-function op per two elements (coarser)
-_SILU_BY_NAME = {"exact": SILU_EXACT, "tanh": SILU_TANH, "tanh_f16x2": SILU_TANH_F16X2}
+_SILU_BY_NAME = {"exact": SILU_EXACT, "tanh": SILU_TANH}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -70,16 +70,8 @@ _SILU_BY_NAME = {"exact": SILU_EXACT, "tanh": SILU_TANH, "tanh_f16x2": SILU_TANH
 
 
 @triton.jit
-def _tanh_approx(h, SILU_MODE: tl.constexpr):
-    if SILU_MODE == 1:
-        return tl.inline_asm_elementwise(
-            "tanh.approx.f32 $0, $1;", "=f,f", [h], dtype=tl.float32, is_pure=True, pack=1
-        )
-    else:
-        t = tl.inline_asm_elementwise(
-            "tanh.approx.f16x2 $0, $1;", "=r,r", [h.to(tl.float16)], dtype=tl.float16, is_pure=True, pack=2
-        )
-        return t.to(tl.float32)
+def _tanh_approx(h):
+    return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [h], dtype=tl.float32, is_pure=True, pack=1)
 
 
 @triton.jit
@@ -88,7 +80,7 @@ def _silu_of_half(h, SILU_MODE: tl.constexpr):
     if SILU_MODE == 0:
         return (2.0 * h) / (1.0 + tl.exp(-2.0 * h))
     else:
-        t = _tanh_approx(h, SILU_MODE)
+        t = _tanh_approx(h)
         return h + h * t
 
 
@@ -100,7 +92,7 @@ def _silu_and_grad_of_half(h, SILU_MODE: tl.constexpr):
         sig = 1.0 / (1.0 + tl.exp(-s))
         return s * sig, sig * (1.0 + s * (1.0 - sig))
     else:
-        t = _tanh_approx(h, SILU_MODE)
+        t = _tanh_approx(h)
         one_t = 1.0 + t
         return h * one_t, 0.5 * one_t * (1.0 + h * (1.0 - t))
 
@@ -113,7 +105,7 @@ def _silu_grad_of_half(h, SILU_MODE: tl.constexpr):
         sig = 1.0 / (1.0 + tl.exp(-s))
         return sig * (1.0 + s * (1.0 - sig))
     else:
-        t = _tanh_approx(h, SILU_MODE)
+        t = _tanh_approx(h)
         return 0.5 * (1.0 + t) * (1.0 + h * (1.0 - t))
 
 
@@ -569,24 +561,39 @@ def _hstu_bwd_dq_kernel(
 # Launch configurations
 # ----------------------------------------------------------------------------------------------
 
+def tile_config(block_m: int, block_n: int, num_warps: int, num_stages: int, diag: bool = False,
+                maxnreg: int | None = None, loop_stages: int | None = None) -> triton.Config:
+    """A launch configuration of one kernel: its tile (query rows x key rows), warps, pipeline
+    stages, optional register cap, and the fwd / dQ key loops' own pipelining (None: num_stages).
+
+    ``diag`` adds the width of the dK/dV kernel's diagonal gather; ``kernel_configs`` adds it itself
+    to a dK/dV configuration that lacks it.
+
+    >>> tile_config(64, 32, 4, 3).kwargs
+    {'BLOCK_M': 64, 'BLOCK_N': 32}
+    """
+    kwargs = {"BLOCK_M": block_m, "BLOCK_N": block_n}
+    if diag:
+        kwargs["DIAG"] = _diag(block_m, block_n)
+    if loop_stages is not None:
+        kwargs["LOOP_STAGES"] = loop_stages
+    return triton.Config(kwargs, num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg)
+
+
+def _diag(block_m: int, block_n: int) -> int:
+    return triton.next_power_of_2(block_m + block_n - 1)
+
+
+_cfg = tile_config  # short name for the candidate tables below
+
 # Under TRITON_INTERPRET=1 one small configuration, no autotuning (each interpreted op costs the
 # same whatever the tile size, so small tiles keep masks and multi-block loops exercised cheaply).
 # BLOCK_M != BLOCK_N on purpose: the loop-bound arithmetic must not rely on square tiles.
-INTERPRETER_CONFIGS = {
-    "fwd": {"BLOCK_M": 32, "BLOCK_N": 16},
-    "dkdv": {"BLOCK_M": 16, "BLOCK_N": 32},
-    "dq": {"BLOCK_M": 32, "BLOCK_N": 16},
+_INTERPRETER_CONFIGS = {
+    "fwd": triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}),
+    "dkdv": triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}),
+    "dq": triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}),
 }
-
-
-def _cfg(bm: int, bn: int, warps: int, stages: int, diag: bool = False, maxnreg: int | None = None,
-         loop_stages: int | None = None) -> triton.Config:
-    kwargs = {"BLOCK_M": bm, "BLOCK_N": bn}
-    if diag:
-        kwargs["DIAG"] = triton.next_power_of_2(bm + bn - 1)
-    if loop_stages is not None:  # the fwd / dQ key loops' software pipelining (None: num_stages)
-        kwargs["LOOP_STAGES"] = loop_stages
-    return triton.Config(kwargs, num_warps=warps, num_stages=stages, maxnreg=maxnreg)
 
 
 # Hopper (H100/H200) candidates, per kernel and per variant, chosen from the compiler's register
@@ -669,19 +676,49 @@ def _tuned(which: str):
 
 
 def _launch(which: str, kernel, grid_rows, bh: int, args: tuple, meta: dict) -> None:
-    """Launch ``kernel`` fixed-config (interpreter / autotuning off) or through its autotuner."""
-    if _INTERPRET:
-        cfg = dict(INTERPRETER_CONFIGS[which])
-        if which == "dkdv":
-            cfg["DIAG"] = triton.next_power_of_2(cfg["BLOCK_M"] + cfg["BLOCK_N"] - 1)
-        kernel[(bh * triton.cdiv(grid_rows, cfg[_GRID_BLOCK[which]]),)](*args, **meta, **cfg)
+    """Launch ``kernel`` with a fixed config (pinned by ``kernel_configs``, the interpreter's, or
+    the first candidate when autotuning is off) or through its autotuner."""
+    cfg = _PINNED.get(which)
+    if cfg is None and _INTERPRET:
+        cfg = _INTERPRETER_CONFIGS[which]
+    if cfg is None and os.environ.get("HSTU_ATTN_AUTOTUNE", "1") == "0":
+        cfg = _CONFIGS[which][_variant(which, meta)][0]
+    if cfg is None:
+        tuned = _tuned(which)
+        tuned[lambda m: (bh * triton.cdiv(grid_rows, m[_GRID_BLOCK[which]]),)](*args, **meta)
         return
-    if os.environ.get("HSTU_ATTN_AUTOTUNE", "1") == "0":
-        c = _CONFIGS[which][_variant(which, meta)][0]
-        kernel[(bh * triton.cdiv(grid_rows, c.kwargs[_GRID_BLOCK[which]]),)](*args, **meta, **c.all_kwargs())
-        return
-    tuned = _tuned(which)
-    tuned[lambda m: (bh * triton.cdiv(grid_rows, m[_GRID_BLOCK[which]]),)](*args, **meta)
+    blocks = dict(cfg.kwargs)
+    if which == "dkdv" and "DIAG" not in blocks:
+        blocks["DIAG"] = _diag(blocks["BLOCK_M"], blocks["BLOCK_N"])
+    # The interpreter runs no compiler: warps, stages and register caps mean nothing to it.
+    launch = blocks if _INTERPRET else {**cfg.all_kwargs(), **blocks}
+    kernel[(bh * triton.cdiv(grid_rows, blocks[_GRID_BLOCK[which]]),)](*args, **meta, **launch)
+
+
+_PINNED: dict[str, triton.Config] = {}
+
+
+@contextlib.contextmanager
+def kernel_configs(*, fwd: triton.Config | None = None, dq: triton.Config | None = None,
+                   dkdv: triton.Config | None = None) -> Iterator[None]:
+    """Launch the given kernels with these configurations (``tile_config``) inside the ``with``
+    block, for every variant (bias or not, any head dim), instead of autotuning or the
+    interpreter's fixed tiles.
+
+    For config sweeps (``benchmarks/kernel_configs.py``) and for tests of other tile shapes, so
+    that neither edits the candidate lists.  A kernel left None keeps its usual choice; an inner
+    block overrides an outer one, and the previous pins come back on exit, exception or not.
+
+    >>> with kernel_configs(fwd=tile_config(16, 16, 4, 1)):
+    ...     pass
+    """
+    global _PINNED
+    pins = {"fwd": fwd, "dq": dq, "dkdv": dkdv}
+    prev, _PINNED = _PINNED, {**_PINNED, **{w: c for w, c in pins.items() if c is not None}}
+    try:
+        yield
+    finally:
+        _PINNED = prev
 
 
 # Each (sequence, head) pair gets cdiv(max_len, block) programs: query blocks (fwd, dq) or key blocks (dkdv).
