@@ -94,7 +94,10 @@ class ServerConfig:
         max_concurrent_rpcs: RPCs in progress at once (streams and health watches included); one more
             is refused at arrival with RESOURCE_EXHAUSTED by gRPC itself, before its message is read:
             what the server holds (memory, event-loop time) stays bounded however many calls arrive. The
-            default leaves room for a full queue, a batch computing and every generation.
+            default is a batch computing and a full queue behind it (2 x 32): past that a call could only
+            be refused by the queue, in Python, which under 4x overload on 2 cores took the model's CPU
+            (goodput 31% of saturation at 128, 60-64% at 48-64: docs/benchmarks.md). Generate streams
+            hold a slot each while they run.
         torch_threads: intra-op threads of the model (the event loop needs a core too).
         device: "cpu" or "cuda".
         kv_cache_mb: per-user KV cache (HSTU) of this many MiB; 0 computes every history in full.
@@ -132,7 +135,7 @@ class ServerConfig:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     max_unrequested_rpcs: int = 10_000
-    max_concurrent_rpcs: int = 128
+    max_concurrent_rpcs: int = 64
     torch_threads: int = 1
     device: str = "cpu"
     kv_cache_mb: float = 0.0
