@@ -15,7 +15,7 @@ Suites:
   generations (issue #20) --generations Generate streams of --generate-items items (started over --ramp-s) with
            Recommend probes (--probe-qps) for --probe-s seconds, then SIGTERM with the streams active: how
            generations and probes were answered, and how fast the server exited. Twice: with the
-           server's default limits, and with --max-generations as high as --generations.
+           server's default limits, and with --max-generations as high as --generations (and 64 more RPC slots).
   big      (issue #20) --big-requests concurrent requests of ~--big-request-mib MiB (over the server's
            1 MiB request limit, under its 4 MiB transport limit): its RSS before, at the peak, after.
   overload (issue #20) saturation (closed loop), then --overload-factor times it, open loop over
@@ -528,8 +528,8 @@ def suite_generations(args, artifact: Path) -> tuple[list[LoadResult], bool]:
     """Issue #20, 1 and 2. Passes if every probe is answered OK or refused at arrival (within
     --arrival-ms), and the server exits 0 within --grace-s + 2 s of SIGTERM, on both servers."""
     runs = []
-    for label, flags in (("default limits", ()), (f"--max-generations {args.generations}",
-                                                   ("--max-generations", str(args.generations)))):
+    roomy = ("--max-generations", str(args.generations), "--max-concurrent-rpcs", str(args.generations + 64))
+    for label, flags in (("default limits", ()), (" ".join(roomy), roomy)):
         run = GenerationRun(label)
         server = ServerProcess(artifact, args.max_batch_size, args.max_queue_delay_ms, args.max_queue_size,
                                args.torch_threads, args.device, ("--grace-s", str(args.grace_s), *flags))

@@ -449,6 +449,11 @@ class RecommenderServer:
         cfg = self.config
         if cfg.prefill_chunk_tokens < 1:
             raise ValueError(f"prefill_chunk_tokens must be >= 1, got {cfg.prefill_chunk_tokens}")
+        if cfg.max_generations >= cfg.max_concurrent_rpcs:
+            # Each Generate stream holds an RPC slot while it runs: with every slot held, Recommend and
+            # health checks would be refused until a generation ends.
+            raise ValueError(f"--max-generations ({cfg.max_generations}) must be below --max-concurrent-rpcs "
+                             f"({cfg.max_concurrent_rpcs}), or Generate streams can hold every RPC slot")
         artifact = await asyncio.to_thread(load_artifact, cfg.artifact)  # reads files: off the event loop
         torch.set_num_threads(cfg.torch_threads)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -637,7 +642,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     try:
         asyncio.run(serve(parse_args(argv)))
-    except FileNotFoundError as e:  # no export yet: say so in one line rather than a traceback
+    except (FileNotFoundError, ValueError) as e:  # no export yet, or flags that cannot work: one line, no traceback
         log.error("%s", e)
         return 2
     return 0

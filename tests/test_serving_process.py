@@ -126,6 +126,18 @@ def test_a_missing_artifact_fails_in_one_line_before_listening(tmp_path):
     assert f"ERROR serving: no export at {tmp_path / 'none'}" in error, proc.stderr
 
 
+def test_generations_that_could_hold_every_rpc_slot_are_refused_in_one_line(artifact):
+    """Each Generate stream holds one of --max-concurrent-rpcs while it runs: with --max-generations as
+    large, generations alone could make the server refuse every Recommend and health check."""
+    proc = subprocess.run([sys.executable, "-m", "serving.server", "--artifact", str(artifact), "--port", "0",
+                           "--max-generations", "64", "--max-concurrent-rpcs", "64"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "listening" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    [error] = proc.stderr.strip().splitlines()
+    assert "--max-generations (64) must be below --max-concurrent-rpcs (64)" in error, proc.stderr
+
+
 def test_refuses_a_port_in_use(artifact):
     """A second server on a busy port fails loudly instead of sharing it (gRPC's SO_REUSEPORT is off)."""
     with ServerThread(ServerConfig(artifact=artifact, port=0)) as first:

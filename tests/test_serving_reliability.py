@@ -239,7 +239,7 @@ def test_rpcs_beyond_the_concurrency_limit_are_refused_before_their_message_is_r
     """Issue #20, 7: nothing bounded the RPCs in progress, so 400 concurrent ~4 MiB requests were all
     received and parsed at once (RSS 1.58 -> 2.79 GiB). Past --max-concurrent-rpcs gRPC refuses a call
     at arrival, before reading its message."""
-    config = ServerConfig(artifact=artifact, port=0, max_concurrent_rpcs=8,
+    config = ServerConfig(artifact=artifact, port=0, max_concurrent_rpcs=8, max_generations=4,
                           batcher=BatcherConfig(max_batch_size=1, max_queue_delay_ms=0, max_queue_size=16))
     with ServerThread(config) as server, grpc.insecure_channel(server.address) as channel, \
             ThreadPoolExecutor(20) as pool:
