@@ -14,7 +14,6 @@ Example::
 
 from __future__ import annotations
 
-import collections
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,6 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from data.splits import SeenItems
+from serving.appended import AppendedEvents
 from serving.artifact import Artifact
 
 
@@ -37,31 +37,10 @@ class History:
         return len(self.items)
 
 
-@dataclass(frozen=True)
-class AppendLimits:
-    """Bounds on the events that AppendEvents adds, held in memory: any caller can write them, so
-    without bounds they grow until the process runs out of memory. At most ``max_users`` x
-    ``max_events`` events (16 bytes each) are held: 160 MiB with the defaults.
-
-    Attributes:
-        max_users: users whose appended events are held; past it the least recently used user (by
-            an append or a read of its history) loses them.
-        max_events: appended events held per user, the most recent (the model sees at most its
-            max_seq_len latest events; older ones only keep their items out of recommendations).
-    """
-
-    max_users: int = 10_000
-    max_events: int = 1_000
-
-    def __post_init__(self) -> None:
-        if self.max_users < 1 or self.max_events < 1:
-            raise ValueError(f"invalid append limits {self}")
-
-
 class Catalogue:
     """Lookups built once from the export's items and users tables."""
 
-    def __init__(self, items: pd.DataFrame, users: pd.DataFrame, append_limits: AppendLimits | None = None,
+    def __init__(self, items: pd.DataFrame, users: pd.DataFrame, appended: AppendedEvents | None = None,
                  exclude_seen: SeenItems = SeenItems.HISTORY):
         self.exclude_seen = SeenItems(exclude_seen)
         """The export's rule of what a user has seen (``Artifact.exclude_seen``)."""
@@ -75,13 +54,12 @@ class Catalogue:
         # Arrow copies for ``search``: its substring scan runs in C++, without the GIL.
         self._searchable = (pa.array(self.raw_ids[1:], pa.string()), pa.array(self.titles[1:], pa.string()))
         self._users, self._history_items, self._history_ts, self._offsets = self._index_users(users)
-        self.append_limits = append_limits or AppendLimits()
-        # AppendEvents, per raw user id, least recently used first.
-        self._appended: collections.OrderedDict[str, History] = collections.OrderedDict()
+        self.appended = appended or AppendedEvents(":memory:")
+        """AppendEvents' events (``serving.appended``): the server's live in a file beside the export."""
 
     @classmethod
-    def from_artifact(cls, artifact: Artifact, append_limits: AppendLimits | None = None) -> Catalogue:
-        return cls(artifact.items, artifact.users, append_limits, artifact.exclude_seen)
+    def from_artifact(cls, artifact: Artifact, appended: AppendedEvents | None = None) -> Catalogue:
+        return cls(artifact.items, artifact.users, appended, artifact.exclude_seen)
 
     @property
     def num_users(self) -> int:
@@ -113,9 +91,7 @@ class Catalogue:
     def user_history(self, raw_user: str) -> History | None:
         """The history of a known user (the export's, then appended events), None for an unknown one."""
         row = self._users.get(raw_user)
-        appended = self._appended.get(raw_user)
-        if appended is not None:
-            self._appended.move_to_end(raw_user)
+        appended = self._appended_history(raw_user)
         if row is None:
             return appended
         start, end = self._offsets[row], self._offsets[row + 1]
@@ -127,22 +103,23 @@ class Catalogue:
 
     def append_events(self, raw_user: str, items: np.ndarray, timestamps: np.ndarray) -> int:
         """Adds validated events (dense ids, seconds; oldest first, not older than the user's last) to a
-        user's history and returns its new length. Within ``append_limits``: the user's most recent
-        ``max_events`` appended events are held (older ones drop out of the history, and so out of the
+        user's history and returns its new length. Within ``appended.limits``: the user's most recent
+        ``max_events`` appended events are kept (older ones drop out of the history, and so out of the
         excluded items), and the least recently used users beyond ``max_users`` lose theirs (a user
-        the export knows falls back to its stored history, another becomes unknown). Held in memory:
-        a restart forgets them."""
-        keep = self.append_limits.max_events
-        old = self._appended.pop(raw_user, None)
-        if old is not None:
-            items, timestamps = np.concatenate([old.items, items]), np.concatenate([old.timestamps, timestamps])
-        items, timestamps = items[-keep:], timestamps[-keep:]
-        # Copies, so a slice never keeps a larger request array alive.
-        self._appended[raw_user] = History(items.astype(np.int64, copy=True), timestamps.astype(np.int64, copy=True))
-        while len(self._appended) > self.append_limits.max_users:
-            self._appended.popitem(last=False)
+        the export knows falls back to its stored history, another becomes unknown). Written through
+        to ``appended``'s file before this returns: a restart loses none of them."""
+        self.appended.add(raw_user, [self.raw_ids[i] for i in items.tolist()], timestamps)
         history = self.user_history(raw_user)
         return 0 if history is None else len(history)
+
+    def _appended_history(self, raw_user: str) -> History | None:
+        found = self.appended.get(raw_user)
+        if found is None:
+            return None
+        raw, stamps = found
+        dense = self.dense_ids(raw)
+        known = dense > 0  # an id that a later export dropped
+        return History(dense[known], stamps[known])
 
     def _index_users(self, users: pd.DataFrame) -> tuple[dict[str, int], np.ndarray, np.ndarray, np.ndarray]:
         """Flattens the list columns once and maps raw item ids to dense ones vectorised."""

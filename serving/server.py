@@ -43,9 +43,10 @@ from grpc_reflection.v1alpha import reflection
 from data.splits import SeenItems
 from protos.genrec.v1 import recommender_pb2 as pb
 from protos.genrec.v1 import recommender_pb2_grpc as pb_grpc
+from serving.appended import AppendedEvents, AppendLimits
 from serving.artifact import Artifact, load_artifact
 from serving.batcher import BatcherConfig, DeadlineExpired, DynamicBatcher, QueueFull
-from serving.catalogue import AppendLimits, Catalogue
+from serving.catalogue import Catalogue
 from serving.engine import Engine
 from serving.metrics import Metrics
 from serving.validation import (
@@ -116,7 +117,10 @@ class ServerConfig:
         append_events: serve AppendEvents. It writes server-side state for any user_id and the server
             authenticates no caller: keep it on only where every caller that can reach the port is
             trusted to write users' histories (the README's "Trust boundary").
-        max_appended_users, max_appended_events: what AppendEvents may hold (``AppendLimits``).
+        max_appended_users, max_appended_events: what AppendEvents may keep (``AppendLimits``).
+        appended_events: the SQLite file AppendEvents writes through (``serving.appended``), so a
+            restart loses none of them; None: ``appended-events.sqlite`` beside the export's folder;
+            ":memory:" keeps them in this process only.
         ready_file: once SERVING, write ``{"host", "port", "metrics_port"}`` here as JSON, atomically, so a
             launcher that asked for port 0 learns the bound ports without parsing the log.
     """
@@ -149,7 +153,11 @@ class ServerConfig:
     append_events: bool = True
     max_appended_users: int = AppendLimits.max_users
     max_appended_events: int = AppendLimits.max_events
+    appended_events: Path | str | None = None
     ready_file: Path | None = None
+
+    def appended_events_path(self) -> Path | str:
+        return self.appended_events or Path(self.artifact).resolve().parent / "appended-events.sqlite"
 
     def grpc_options(self) -> list[tuple[str, int]]:
         ms = lambda s: int(s * 1000)
@@ -501,8 +509,9 @@ class RecommenderServer:
             engine = Engine(artifact, cfg.device, kv_cache_bytes=int(cfg.kv_cache_mb * (1 << 20)),
                             metrics=self.metrics, cuda_graphs=cfg.cuda_graphs)
             engine.warm_up(cfg.batcher.max_batch_size)
-            return engine, Catalogue.from_artifact(artifact, AppendLimits(cfg.max_appended_users,
-                                                                          cfg.max_appended_events))
+            appended = AppendedEvents(cfg.appended_events_path(),
+                                      AppendLimits(cfg.max_appended_users, cfg.max_appended_events))
+            return engine, Catalogue.from_artifact(artifact, appended)
 
         self.engine, catalogue = await asyncio.to_thread(load)
         batcher: DynamicBatcher[Work, object] = DynamicBatcher(self._compute, cfg.batcher, self.metrics)
@@ -596,9 +605,12 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerConfig:
                    help="refuse AppendEvents (UNIMPLEMENTED): for a port that callers who may not write users' "
                         "histories can reach")
     p.add_argument("--max-appended-users", type=int, default=d.max_appended_users,
-                   help="users whose appended events are held (least recently used dropped first)")
+                   help="users whose appended events are kept (least recently used dropped first)")
     p.add_argument("--max-appended-events", type=int, default=d.max_appended_events,
-                   help="appended events held per user (the most recent)")
+                   help="appended events kept per user (the most recent)")
+    p.add_argument("--appended-events", default=None,
+                   help="SQLite file that AppendEvents writes through (default: appended-events.sqlite beside the "
+                        "export's folder; ':memory:' forgets them at exit)")
     p.add_argument("--ready-file", type=Path, default=None,
                    help='once SERVING, write {"host", "port", "metrics_port"} here as JSON (atomically)')
     p.add_argument("--max-id-chars", type=int, default=d.max_id_chars, help="longest user_id accepted")
@@ -621,7 +633,7 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerConfig:
         kv_cache_mb=a.kv_cache_mb, prefill_chunk_tokens=a.prefill_chunk_tokens, cuda_graphs=a.cuda_graphs,
         max_id_chars=a.max_id_chars, max_generations=a.max_generations, max_generate_items=a.max_generate_items,
         max_beam_work=a.max_beam_work, append_events=a.append_events, max_appended_users=a.max_appended_users,
-        max_appended_events=a.max_appended_events, ready_file=a.ready_file,
+        max_appended_events=a.max_appended_events, appended_events=a.appended_events, ready_file=a.ready_file,
         exclude_seen=None if a.exclude_seen is None else SeenItems(a.exclude_seen),
     )
 

@@ -12,6 +12,7 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -49,10 +50,13 @@ class ServerThread:
     """A ``RecommenderServer`` on its own event loop in a daemon thread, for synchronous callers.
 
     ``start`` returns once the server is SERVING; ``call`` runs a coroutine on the server's loop
-    (e.g. ``server.call(server.server.shutdown())``).
+    (e.g. ``server.call(server.server.shutdown())``). AppendEvents' store is in memory unless the
+    config names a file.
     """
 
     def __init__(self, config: ServerConfig):
+        if config.appended_events is None:  # tests that share an export must not share appended events
+            config = dataclasses.replace(config, appended_events=":memory:")
         self.server = RecommenderServer(config)
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="server-loop", daemon=True)

@@ -1,6 +1,6 @@
 """The docstring examples run as written: models/, models/ops, data/, training's config, analysis and
-optimizers, and serving's work types. (serving/'s other examples need a trained export or a running
-server: they are read, not run.)"""
+optimizers, serving's work types and appended events. (serving/'s other examples need a trained
+export or a running server: they are read, not run.)"""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ MODULES = [
                                         "per_batch")),
     *(f"data.{name}" for name in ("batch", "interactions", "loader", "sequences", "splits", "synthetic")),
     *(f"training.{name}" for name in ("analysis", "config", "optimizers")),
+    "serving.appended",
     "serving.work",
 ]
 

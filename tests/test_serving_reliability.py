@@ -173,6 +173,26 @@ def test_append_events_keeps_the_most_recently_used_users_within_the_limit(artif
         assert [known(stub, u) for u in ("a", "b", "c", "d")] == [False, True, True, True]
 
 
+def test_appended_events_survive_a_restart(artifact, tmp_path):
+    """Issue #15, 3: AppendEvents writes through an SQLite file, so a server restarted on the same file
+    knows what was appended before (and its least-recently-used bound still holds)."""
+    config = ServerConfig(artifact=artifact, port=0, appended_events=tmp_path / "appended.sqlite",
+                          max_appended_users=2, max_appended_events=4)
+    with ServerThread(config) as server, grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.RecommenderServiceStub(channel)
+        stored = stub.Recommend(pb.RecommendRequest(user_id="1", top_k=1), timeout=10).history_length
+        assert append(stub, "1", 6) == stored + 4
+        assert append(stub, "newcomer", 3) == 3
+        before = stub.Recommend(pb.RecommendRequest(user_id="newcomer", top_k=5), timeout=10)
+    with ServerThread(config) as server, grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.RecommenderServiceStub(channel)
+        assert stub.Recommend(pb.RecommendRequest(user_id="1", top_k=1), timeout=10).history_length == stored + 4
+        after = stub.Recommend(pb.RecommendRequest(user_id="newcomer", top_k=5), timeout=10)
+        assert after.history_length == 3 and [i.item_id for i in after.items] == [i.item_id for i in before.items]
+        assert append(stub, "other", 1) == 1  # a third user: "1", the least recently used, loses its events
+        assert stub.Recommend(pb.RecommendRequest(user_id="1", top_k=1), timeout=10).history_length == stored
+
+
 def test_append_events_can_be_disabled(artifact):
     """Issue #20, 6: AppendEvents writes server-side state and the server authenticates no caller;
     a server whose callers are not all trusted runs with it off (--no-append-events)."""
