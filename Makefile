@@ -31,7 +31,7 @@ ARGS   ?=
 NPROC  ?= 1
 
 .PHONY: help venv protos data data-synthetic train test test-slow test-all lint eval serve notebook \
-        bench-kernel bench-train bench-scale bench-serve bench-engine bench-data clean
+        bench-kernel bench-train bench-scale bench-serve bench-engine bench-data bench-eval clean
 
 help:
 	@echo "make train       prepare the dataset CONFIG names (ML-1M by default), train ($(CONFIG)), evaluate, export"
@@ -47,6 +47,7 @@ help:
 	@echo "make notebook    open notebooks/offline_evaluation.ipynb"
 	@echo "make bench-kernel | bench-train | bench-scale | bench-serve | bench-engine   (NPROC=, ARGS=)"
 	@echo "make bench-data  streaming data preparation at 10M / 30M / 100M synthetic events (ARGS=)"
+	@echo "make bench-eval  ranking users against 10M items: item blocks vs the whole score matrix (ARGS=)"
 	@echo "make clean       caches and generated gRPC code (not .venv, datasets/ or runs/)"
 
 # --- environment -----------------------------------------------------------------------------
@@ -124,6 +125,9 @@ bench-engine: $(STAMP) protos
 
 bench-data: $(STAMP)
 	$(PY) -m benchmarks.data $(ARGS)
+
+bench-eval: $(STAMP)
+	$(PY) -m benchmarks.evaluate $(ARGS)
 
 clean:
 	rm -rf .pytest_cache .ruff_cache protos/genrec/v1/*_pb2*.py protos/genrec/v1/*_pb2*.pyi
