@@ -207,20 +207,11 @@ class PreparedDataset:
         kcore = kcore or KCore()
         with tempfile.TemporaryDirectory(prefix="genrec-prepare-") as tmp:
             out = Path(tmp) / "out"
-            built = build(interactions.stream(), out, work=Path(tmp) / "work", kcore=kcore, event_types=event_types)
-            manifest = Manifest(
-                name=name,
-                source=interactions.source,
-                raw_item_kind=interactions.raw_item_kind,
-                checksum=interactions.checksum,
-                fingerprint=fingerprint,
-                raw_counts=built.raw_counts,
-                counts=built.counts,
-                dropped=built.dropped,
-                options={"min_user_events": kcore.min_user_events, "min_item_events": kcore.min_item_events,
-                         "event_types": sorted(event_types)},
-                has_ratings=built.has_ratings,
-            )
+            stream = interactions.stream()
+            built = build(stream, out, work=Path(tmp) / "work", kcore=kcore, event_types=event_types)
+            options = {"min_user_events": kcore.min_user_events, "min_item_events": kcore.min_item_events,
+                       "event_types": sorted(event_types)}
+            manifest = built.manifest(name, stream, interactions.checksum, fingerprint, options)
             loaded = cls.load(out, manifest, mmap=False)
             return cls(loaded.packed, manifest, raw_users=loaded.raw_users, items=loaded.items)
 
@@ -314,18 +305,7 @@ def prepare(
                       partition_events=partition_events)
         if source.fingerprint() != fingerprint:
             raise RuntimeError(f"{source.name}: the input changed while it was being prepared; prepare it again")
-        manifest = Manifest(
-            name=source.name,
-            source=stream.source,
-            raw_item_kind=stream.raw_item_kind,
-            checksum=checksum,
-            fingerprint=fingerprint,
-            raw_counts=built.raw_counts,
-            counts=built.counts,
-            dropped=built.dropped,
-            options=options,
-            has_ratings=built.has_ratings,
-        )
+        manifest = built.manifest(source.name, stream, checksum, fingerprint, options)
         _install(stage, directory, manifest)
         ok = True
     finally:

@@ -41,6 +41,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from data.interactions import Counts, EventStream
+from data.manifest import Manifest
 from data.sequences import Dropped
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,13 @@ class Built:
     counts: Counts
     dropped: Dropped
     has_ratings: bool
+
+    def manifest(self, name: str, stream: EventStream, checksum: str, fingerprint: str | None,
+                 options: dict) -> Manifest:
+        """The manifest of this build of ``stream``'s events, read and filtered as ``options`` say."""
+        return Manifest(name=name, source=stream.source, raw_item_kind=stream.raw_item_kind, checksum=checksum,
+                        fingerprint=fingerprint, raw_counts=self.raw_counts, counts=self.counts,
+                        dropped=self.dropped, options=options, has_ratings=self.has_ratings)
 
 
 class EmptyDatasetError(ValueError):

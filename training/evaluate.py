@@ -163,21 +163,20 @@ def write_predictions(result: EvalResult, dataset: PreparedDataset, path: Path) 
     write_frame(predictions_frame(result, dataset), path)
 
 
-def write_frame(frame: pd.DataFrame, path: Path, *, clear: Iterable[Path] = ()) -> None:
+def write_frame(frame: pd.DataFrame, path: Path) -> None:
     """Every rank writes its rows of one table: with one rank ``path`` is the file; with N it is a
     folder of ``part-<rank>-of-<N>.parquet``, which pandas (``pd.read_parquet(path)``), pyarrow and
-    DuckDB read as one table. ``path`` and ``clear`` (stale files) are removed first."""
+    DuckDB read as one table. What was at ``path`` (a file, or the parts of a run on another number of
+    ranks) is removed first."""
     world = dist.get_world_size() if dist.is_initialized() else 1
     if world == 1:
-        for stale in [path, *clear]:
-            _remove(stale)
+        _remove(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         frame.to_parquet(path, index=False)
         return
     rank = dist.get_rank()
     if rank == 0:
-        for stale in [path, *clear]:  # a file, or the parts of a run on another number of ranks
-            _remove(stale)
+        _remove(path)
         path.mkdir(parents=True)
     dist.barrier()
     frame.to_parquet(path / f"part-{rank:05d}-of-{world:05d}.parquet", index=False)
@@ -345,11 +344,14 @@ def evaluate_run(
         sasrec_info = {"run": str(sasrec), "checkpoint": sasrec_path.name,
                        "encoder": sasrec_cfg.model.encoder.value}
     out_dir = out_dir or run_dir / EVAL_DIR
+    if ctx.is_main:  # e.g. a SASRec baseline not evaluated this time; the other ranks wait in write_frame
+        for stale in out_dir.glob("predictions-*.parquet"):
+            _remove(stale)
     summaries = {}
     for name, result in results.items():
         summary, predictions = summarize(result, dataset, popular, cfg.data.split)
         file = "predictions.parquet" if name == "model" else f"predictions-{name}.parquet"
-        write_frame(predictions, out_dir / file, clear=out_dir.glob("predictions-*.parquet") if name == "model" else ())
+        write_frame(predictions, out_dir / file)
         summaries[name] = (file, summary)
     if not ctx.is_main:
         return None
