@@ -31,7 +31,7 @@ ARGS   ?=
 NPROC  ?= 1
 
 .PHONY: help venv protos data data-synthetic train test test-slow test-all lint eval serve notebook \
-        bench-kernel bench-train bench-scale bench-serve bench-engine bench-data bench-eval clean
+        bench-kernel bench-train bench-scale bench-serve bench-engine bench-data bench-eval bench-epoch clean
 
 help:
 	@echo "make train       prepare the dataset CONFIG names (ML-1M by default), train ($(CONFIG)), evaluate, export"
@@ -47,6 +47,7 @@ help:
 	@echo "make notebook    open notebooks/offline_evaluation.ipynb"
 	@echo "make bench-kernel | bench-train | bench-scale | bench-serve | bench-engine   (NPROC=, ARGS=)"
 	@echo "make bench-data  streaming data preparation at 10M / 30M / 100M synthetic events (ARGS=)"
+	@echo "make bench-epoch the first epoch and one validation pass at 100M events / 10M users / 10M items (GPU)"
 	@echo "make bench-eval  ranking users against 10M items: item blocks vs the whole score matrix (ARGS=)"
 	@echo "make clean       caches and generated gRPC code (not .venv, datasets/ or runs/)"
 
@@ -128,6 +129,14 @@ bench-data: $(STAMP)
 
 bench-eval: $(STAMP)
 	$(PY) -m benchmarks.evaluate $(ARGS)
+
+# The 100M-event log is written once (1.1 GB, datasets/raw/) and prepared once (data.prepare's cache).
+EPOCH_CONFIG ?= configs/scale/events-100m.yaml
+bench-epoch: $(STAMP)
+	test -f datasets/raw/events-100m.parquet || $(PY) -m data.synthetic --out datasets/raw/events-100m.parquet \
+		--num-users 10000000 --num-items 10000000 --mean-length 10 --min-item-events 1
+	$(PY) -m data.prepare --config $(EPOCH_CONFIG)
+	$(PY) -m benchmarks.epoch --config $(EPOCH_CONFIG) --nproc $(NPROC) $(ARGS)
 
 clean:
 	rm -rf .pytest_cache .ruff_cache protos/genrec/v1/*_pb2*.py protos/genrec/v1/*_pb2*.pyi

@@ -8,6 +8,8 @@
 #   bash benchmarks/device_train.sh nccl       # 2 GPUs, NCCL: item table row-wise, rating table table-wise
 #   bash benchmarks/device_train.sh scale [N]  # make bench-scale on N GPUs (default: all), the UVM-caching
 #                                              # run on one GPU held to 14 GB, and the GPU training tests
+#   bash benchmarks/device_train.sh epoch      # issue 14's scale: write and prepare 100M events / 10M users /
+#                                              # 10M items, then the first epoch and one validation pass
 #   bash benchmarks/device_train.sh one-gpu    # within one 10-minute call: bench, then HSTU and SASRec
 #                                              # side by side on GPU 0, then `make eval` of the HSTU run
 #   bash benchmarks/device_train.sh sweep < runs.txt   # one run per line, "<name> <config> [overrides]",
@@ -80,6 +82,15 @@ case ${1:?bench, quality, large or nccl} in
       "sharding.kernels={item_table: fused_uvm_caching}" sharding.device_memory_gb=14 --variants pipelined 2>&1 \
       | grep -v -i warn \
       | tee "$OUT/bench-scale-uvm.txt" | tail -6 ;;
+  epoch)
+    test -f datasets/raw/events-100m.parquet || { time python3 -m data.synthetic --out datasets/raw/events-100m.parquet \
+      --num-users 10000000 --num-items 10000000 --mean-length 10 --min-item-events 1; } 2>&1 | tail -4
+    python3 -c "from benchmarks.data import run_prepare; import sys, pathlib; s, t, m = run_prepare(sys.argv[1:], \
+      pathlib.Path('$OUT/prepare.log')); print(f'data.prepare: exit {s}, {t:.0f} s, peak RSS {m:.2f} GiB')" \
+      python3 -m data.prepare --config configs/scale/events-100m.yaml
+    tail -2 "$OUT/prepare.log"
+    timeout "${EPOCH_TIMEOUT:-400}" python3 -m benchmarks.epoch "${@:2}" 2>&1 | grep -v -i warn \
+      | tee "$OUT/bench-epoch.txt" | tail -7 ;;
   large)
     train 0 1 configs/ml-1m/hstu-large.yaml hstu-large-gpu "${@:2}"
     collect ;;

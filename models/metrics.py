@@ -121,21 +121,25 @@ def rank_items(
     target_scores = None if width >= num_rows else (users * table[targets]).sum(1)
     ranks = torch.ones(batch, dtype=torch.int64, device=users.device)
     window_ranks = ranks.clone() if window is not None else ranks
-    top_scores = top_items = None
+    top_scores = top_items = threshold = None
     for lo in range(0, num_rows, width):
         hi = min(num_rows, lo + width)
         scores = users @ table[lo:hi].T  # [B, hi - lo], ours to overwrite
         if target_scores is None:
             target_scores = scores.gather(1, targets[:, None]).squeeze(1)
+        if threshold is None:
+            # A NaN target is beaten by every item still ranked: the same as a target scoring -inf, which
+            # the masked items (-inf) do not beat. One comparison a block instead of four.
+            threshold = target_scores.nan_to_num(nan=-math.inf)[:, None]
         if lo == 0:
             scores[:, 0] = -math.inf
         here = (targets >= lo) & (targets < hi)
         target_at = (row[here], targets[here] - lo)
         if window is not None:
             _mask(scores, window_rows, window[0], lo, hi)
-            window_ranks += _beating(scores, target_scores, target_at)
+            window_ranks += _beating(scores, threshold, target_at)
         _mask(scores, seen_rows, seen[0], lo, hi)
-        ranks += _beating(scores, target_scores, target_at)
+        ranks += _beating(scores, threshold, target_at)
         if k:
             best = scores.topk(min(k, hi - lo), dim=1)
             values, ids = best.values, best.indices + lo
@@ -153,10 +157,10 @@ def _mask(scores: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor, lo: int, 
     scores[rows[inside], ids[inside] - lo] = -math.inf
 
 
-def _beating(scores: torch.Tensor, target_scores: torch.Tensor, target_at: tuple[torch.Tensor, torch.Tensor]):
-    """[B] how many of a block's items (those not masked to -inf) score above the target; a NaN target
-    is beaten by all of them, as in ``target_ranks``."""
-    beats = (scores > target_scores[:, None]) | (target_scores.isnan()[:, None] & (scores != -math.inf))
+def _beating(scores: torch.Tensor, threshold: torch.Tensor, target_at: tuple[torch.Tensor, torch.Tensor]):
+    """[B] how many of a block's items score above ``threshold`` ([B, 1]: the target's score, -inf for a
+    NaN one, so that it is beaten by every item not masked to -inf, as in ``target_ranks``)."""
+    beats = scores > threshold
     beats[target_at] = False  # the target does not beat itself
     return beats.sum(1)
 

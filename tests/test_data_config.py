@@ -97,3 +97,20 @@ def test_the_example_trains_end_to_end(example: Path) -> None:
     metrics = yaml.safe_load((run / "metrics.json").read_text())
     assert 0 <= metrics["test/hr@10"] <= 1
     assert (run / "export" / "users.parquet").is_file()
+
+
+def test_bench_epoch_times_one_whole_epoch_and_a_sampled_validation(example: Path) -> None:
+    """`make bench-epoch` on the example: the row counts every step of the epoch and the sampled users."""
+    main(["--config", str(example)])
+    ds = open_prepared(load_config(example).data.spec())
+    done = subprocess.run([sys.executable, "-m", "benchmarks.epoch", "--config", str(example), "data.batch_size=512",
+                           "data.valid_users=300", "model.num_blocks=1"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    row = done.stdout.strip().splitlines()[-2].strip("|").split("|")
+    steps, valid_users = int(row[0].replace(",", "")), int(row[4].replace(",", ""))
+    assert steps == -(-ds.num_users // 512)  # every user of the epoch, the last batch partial
+    assert valid_users == 300
+    assert f"benchmarks.epoch --config {example}" in done.stdout
+    assert not (example.parent / "runs").exists()  # its run directory was temporary
