@@ -193,8 +193,10 @@ class InputLayer(nn.Module):
         else:
             trunc_normal_(self.position_embeddings, std=math.sqrt(1.0 / self.position_embeddings.shape[1]))
 
-    def forward(self, item_embeddings: torch.Tensor, seq_offsets: torch.Tensor) -> torch.Tensor:
-        """[L, d] raw item rows -> [L, d] encoder input."""
-        pos = jagged.positions(seq_offsets, item_embeddings.shape[0])
+    def forward(self, item_embeddings: torch.Tensor, seq_offsets: torch.Tensor,
+                first_positions: torch.Tensor | None = None) -> torch.Tensor:
+        """[L, d] raw item rows -> [L, d] encoder input; sequence b's rows start at position
+        ``first_positions[b]`` ([B], the tokens already cached before them; default 0)."""
+        pos = jagged.positions(seq_offsets, item_embeddings.shape[0], first_positions)
         x = item_embeddings * self.scale + self.position_embeddings[pos]
         return F.dropout(x, self.dropout, self.training)

@@ -1,16 +1,13 @@
-"""HSTU over a cached prefix: each block's keys and values of the tokens already seen, so new tokens
-cost O(new x seen) instead of a recompute of the whole sequence.
+"""Per-user prefix states for inference over a cache, and the calls of ``HSTU.forward`` that extend them.
 
-HSTU is causal and its position embedding counts from the oldest token, so the keys and values of a
-prefix never change when tokens are appended. ``extend`` runs only the new tokens through every
-block, attending to the cached keys/values plus their own (causal among themselves), and returns the
-new outputs and a new ``PrefixState`` (the old one is left as it was, so a hypothetical continuation,
-as in generation, never touches a user's cached state). It computes exactly what ``HSTU.forward``
-computes for those rows, up to floating-point order.
-
-The attention here is plain PyTorch over [new, seen + new] scores: the new tokens are few, so this is
-memory-bound and small; a full history still goes through the jagged op (and its Triton kernel) as
-the prefill of an empty state.
+A ``PrefixState`` is one user's cached sequence: items, timestamps, each block's keys and values, and the
+user embedding at its last token. Every function here is one call of the encoder's own forward with a
+``Prefix`` built from states (``models.hstu``): appending events (``extend``), one token for each of B
+users (``extend_one_each``, a decode step), K candidates after one history (``extend_candidates``), and
+the fixed-shape decode step a CUDA graph captures (``decode_padded`` over ``PaddedCaches``). The
+attention over the cache, its bias and the input layer exist only in the encoder; these functions
+only lay states out as a ``Prefix`` and read the new keys and values back. States are never changed in
+place: a hypothetical continuation (generation, beams) leaves the user's cached state as it was.
 
 Example::
 
@@ -29,11 +26,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from models.embeddings import l2_normalize
-from models.hstu import HSTU, HSTUBlock
-from models.ops.relative_bias import time_gap_bucket
+from models.hstu import HSTU, Prefix
 
 
 @dataclass(frozen=True)
@@ -65,12 +59,40 @@ class PrefixState:
             tensors.append(self.user)
         return sum(t.numel() * t.element_size() for t in tensors)
 
-    @staticmethod
-    def empty(encoder: HSTU, device: torch.device | str = "cpu") -> PrefixState:
-        keys = tuple(torch.zeros(0, b.num_heads, b.attention_dim, device=device) for b in encoder.blocks)
-        values = tuple(torch.zeros(0, b.num_heads, b.linear_dim, device=device) for b in encoder.blocks)
-        long = torch.zeros(0, dtype=torch.int64, device=device)
-        return PrefixState(long, long, keys, values, None)
+    def then(self, items: torch.Tensor, timestamps: torch.Tensor, keys: list[torch.Tensor],
+             values: list[torch.Tensor], user: torch.Tensor) -> PrefixState:
+        """This state followed by new tokens (their per-block keys and values, the last one's output)."""
+        # clone: a view would keep the whole output batch alive behind a [d] row (and the cache's byte count)
+        return PrefixState(torch.cat([self.items, items]), torch.cat([self.timestamps, timestamps]),
+                           tuple(torch.cat([c, k]) for c, k in zip(self.keys, keys, strict=True)),
+                           tuple(torch.cat([c, v]) for c, v in zip(self.values, values, strict=True)), user.clone())
+
+
+def _max_len(encoder: HSTU) -> int:
+    return encoder.input.position_embeddings.shape[0]
+
+
+def _offsets(lengths: list[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor([0, *lengths], device=device).cumsum(0)
+
+
+def _prefix(encoder: HSTU, states: list[PrefixState], device: torch.device) -> Prefix:
+    """B states' caches back to back (one state's as they are)."""
+    lengths = [s.length for s in states]
+    if len(states) == 1:
+        s = states[0]
+        zero = torch.zeros(1, dtype=torch.int64, device=device)
+        return Prefix(s.keys, s.values, s.timestamps, zero, zero + s.length, max_length=s.length)
+    starts = _offsets(lengths, device)[:-1]
+    keys = tuple(torch.cat([s.keys[i] for s in states]) for i in range(len(encoder.blocks)))
+    values = tuple(torch.cat([s.values[i] for s in states]) for i in range(len(encoder.blocks)))
+    return Prefix(keys, values, torch.cat([s.timestamps for s in states]), starts,
+                  torch.tensor(lengths, device=device), max_length=max(lengths))
+
+
+def _for_inference(encoder: HSTU, what: str) -> None:
+    if encoder.training:
+        raise RuntimeError(f"{what}() is for inference: call encoder.eval() first (dropout would differ)")
 
 
 def extend(
@@ -86,59 +108,82 @@ def extend(
     when the sequence would exceed the model's ``max_seq_len``: positions count from the oldest token,
     so a sliding window cannot reuse a prefix and the caller recomputes the window instead.
     """
-    if encoder.training:
-        raise RuntimeError("extend() is for inference: call encoder.eval() first (dropout would differ)")
-    if state is None:
-        state = PrefixState.empty(encoder, item_table.device)
-    start, m = state.length, int(items.numel())
-    max_len = encoder.input.position_embeddings.shape[0]
-    if start + m > max_len:
-        raise ValueError(f"{start} cached + {m} new tokens exceed max_seq_len={max_len}")
+    _for_inference(encoder, "extend")
+    device = item_table.device
+    start, m = (0 if state is None else state.length), int(items.numel())
+    if start + m > _max_len(encoder):
+        raise ValueError(f"{start} cached + {m} new tokens exceed max_seq_len={_max_len(encoder)}")
     if m == 0:
         raise ValueError("extend() needs at least one new token")
-    all_timestamps = torch.cat([state.timestamps, timestamps.to(state.timestamps.device)])
-    positions = torch.arange(start, start + m, device=item_table.device)
-    x = item_table[items] * encoder.input.scale + encoder.input.position_embeddings[positions]
-    keys, values = [], []
-    for block, k_cache, v_cache in zip(encoder.blocks, state.keys, state.values, strict=True):
-        x, k_all, v_all = _block_extend(block, x, all_timestamps, start, k_cache, v_cache)
-        keys.append(k_all)
-        values.append(v_all)
-    out = l2_normalize(x, encoder.eps)
-    # clone: a view would keep the whole [m, d] output alive behind a [d] row (and the cache's byte count)
-    new_state = PrefixState(torch.cat([state.items, items]), all_timestamps, tuple(keys), tuple(values),
-                            out[-1].clone())
-    return out, new_state
+    if state is None or state.length == 0:
+        prefix = Prefix.empty(encoder, 1, device)
+        state = PrefixState(prefix.timestamps, prefix.timestamps, prefix.keys, prefix.values, None)
+    else:
+        prefix = _prefix(encoder, [state], device)
+    prefix.max_new = m  # checked above: no need to read it back from the offsets
+    items, timestamps = items.to(device), timestamps.to(device)
+    out = encoder(item_table[items], timestamps, torch.tensor([0, m], device=device), prefix)
+    return out, state.then(items, timestamps, prefix.new_keys, prefix.new_values, out[-1])
 
 
-def _block_extend(
-    block: HSTUBlock, x: torch.Tensor, timestamps: torch.Tensor, start: int, k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One block for the new rows x [m, d] at positions start..start+m-1, against the cache."""
-    m, h, dqk, dv = x.shape[0], block.num_heads, block.attention_dim, block.linear_dim
-    u, v, q, k = block.project(x)
-    k_all = torch.cat([k_cache, k.reshape(m, h, dqk)])
-    v_all = torch.cat([v_cache, v.reshape(m, h, dv)])
-    n = k_all.shape[0]
-    i = torch.arange(start, start + m, device=x.device)[:, None]
-    j = torch.arange(n, device=x.device)[None, :]
-    bias = block.pos_weights[j - i + block.max_seq_len - 1] + block.time_weights[
-        time_gap_bucket(timestamps[i] - timestamps[j], block.time_bucket_scale, block.time_weights.numel() - 1)
-    ]
-    scores = torch.einsum("mhd,nhd->hmn", q.reshape(m, h, dqk), k_all) + bias  # alpha = 1, as the block
-    weights = F.silu(scores) * (j <= i) / block.max_seq_len
-    av = torch.einsum("hmn,nhd->mhd", weights, v_all).reshape(m, h * dv)
-    return block.output(x, u, av), k_all, v_all
+def extend_one_each(
+    encoder: HSTU,
+    item_table: torch.Tensor,
+    items: torch.Tensor,
+    timestamps: torch.Tensor,
+    states: list[PrefixState],
+) -> tuple[torch.Tensor, list[PrefixState]]:
+    """``extend`` of B sequences by one token each, in one batched pass (a decode step).
+
+    items, timestamps: [B], the new token of each state. Every state must be non-empty and shorter
+    than ``max_seq_len``. Returns ([B, d] L2-normalised outputs of the new tokens, the B new states).
+    """
+    _for_inference(encoder, "extend_one_each")
+    if any(s.length == 0 or s.length >= _max_len(encoder) for s in states):
+        raise ValueError(f"every state needs 1 .. {_max_len(encoder) - 1} cached tokens to take one more")
+    prefix = _prefix(encoder, states, item_table.device)
+    prefix.max_new = 1
+    out = encoder(item_table[items], timestamps, torch.arange(len(states) + 1, device=item_table.device), prefix)
+    return out, append_decoded(states, items, timestamps, out, prefix.new_keys, prefix.new_values)
+
+
+def extend_candidates(
+    encoder: HSTU,
+    item_table: torch.Tensor,
+    candidates: torch.Tensor,
+    timestamps: torch.Tensor,
+    state: PrefixState,
+) -> tuple[torch.Tensor, list[PrefixState]]:
+    """Each of K candidates appended to the same prefix, in one pass: K sequences of one new token that
+    share the prefix's cached rows, so candidate c sits at the next position and sees the history and
+    itself, exactly as if it had been appended alone. Returns ([K, d] outputs, the K extended states).
+    """
+    _for_inference(encoder, "extend_candidates")
+    n, count, device = state.length, int(candidates.numel()), item_table.device
+    if n == 0 or n >= _max_len(encoder):
+        raise ValueError(f"the prefix needs 1 .. {_max_len(encoder) - 1} tokens to take candidates, has {n}")
+    shared = torch.zeros(count, dtype=torch.int64, device=device)
+    prefix = Prefix(state.keys, state.values, state.timestamps, shared, shared + n, max_length=n, max_new=1)
+    out = encoder(item_table[candidates], timestamps, torch.arange(count + 1, device=device), prefix)
+    return out, append_decoded([state] * count, candidates, timestamps, out, prefix.new_keys, prefix.new_values)
+
+
+def append_decoded(states: list[PrefixState], items: torch.Tensor, timestamps: torch.Tensor, out: torch.Tensor,
+                   new_keys: list[torch.Tensor], new_values: list[torch.Tensor]) -> list[PrefixState]:
+    """The states after one new token each (row b of ``items``, ``out`` and each block's keys/values)."""
+    return [s.then(items[b : b + 1], timestamps[b : b + 1], [k[b : b + 1] for k in new_keys],
+                   [v[b : b + 1] for v in new_values], out[b])
+            for b, s in enumerate(states)]
 
 
 @dataclass(frozen=True)
 class PaddedCaches:
-    """B prefix states padded to one length: the fixed-shape input of ``decode_padded``.
+    """B prefix states in fixed buffers of one length N: the input of ``decode_padded``, whose shapes
+    (and so a CUDA graph of it) do not depend on the states.
 
     Attributes:
-        keys, values: per block [B, n, H, dqk] / [B, n, H, dv]; rows past a state's length are ignored.
-        timestamps: [B, n] int64.
+        keys, values: per block [B, N, H, dqk] / [B, N, H, dv]; rows past a state's length are ignored.
+        timestamps: [B, N] int64.
         lengths: [B] int64 cached tokens per row; 0 marks a padding row (its outputs are ignored).
     """
 
@@ -169,123 +214,23 @@ class PaddedCaches:
             self.timestamps[b, :n] = s.timestamps
         self.lengths.copy_(lengths)  # one host-to-device copy
 
+    def prefix(self) -> Prefix:
+        """The buffers as the encoder's ``Prefix``: row b's cache starts at b x N; bounds known on the host."""
+        batch, n = self.timestamps.shape
+        starts = torch.arange(batch, device=self.lengths.device) * n
+        return Prefix(tuple(k.flatten(0, 1) for k in self.keys), tuple(v.flatten(0, 1) for v in self.values),
+                      self.timestamps.flatten(), starts, self.lengths, max_length=n, max_new=1)
+
 
 def decode_padded(
     encoder: HSTU, item_table: torch.Tensor, items: torch.Tensor, timestamps: torch.Tensor, caches: PaddedCaches
 ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-    """One new token per row after its cached prefix, fixed shapes and no host synchronisation (so a
-    CUDA graph can capture it). Each new token attends to its row's cache (masked past ``lengths``)
-    and to itself, at position ``lengths``.
+    """One new token per row after its cached prefix, with fixed shapes and no device-to-host copy (so a
+    CUDA graph can capture it): ``HSTU.forward`` over ``caches.prefix()``.
 
     Returns ([B, d] L2-normalised outputs, per block the new tokens' keys [B, H, dqk] and values [B, H, dv]).
     """
-    lengths = caches.lengths
-    n = caches.timestamps.shape[1]
-    j = torch.arange(n, device=item_table.device)[None, :]
-    valid = (j < lengths[:, None])[:, None, :]  # [B, 1, n]
-    x = item_table[items] * encoder.input.scale + encoder.input.position_embeddings[lengths]
-    # The relative-position and time-bucket indices are the same in every block (one config).
-    first = encoder.blocks[0]
-    rel = (j - lengths[:, None] + first.max_seq_len - 1).clamp(0, 2 * first.max_seq_len - 2)
-    gap = time_gap_bucket(timestamps[:, None] - caches.timestamps, first.time_bucket_scale,
-                          first.time_weights.numel() - 1)
-    new_keys, new_values = [], []
-    for layer, block in enumerate(encoder.blocks):
-        h, dqk, dv = block.num_heads, block.attention_dim, block.linear_dim
-        u, v, q, k = block.project(x)
-        q, k, v = q.reshape(-1, h, dqk), k.reshape(-1, h, dqk), v.reshape(-1, h, dv)
-        bias = block.pos_weights[rel] + block.time_weights[gap]  # [B, n]
-        history = torch.einsum("bhd,bnhd->bhn", q, caches.keys[layer]) + bias[:, None, :]
-        history_w = torch.where(valid, F.silu(history), 0.0) / block.max_seq_len
-        self_w = F.silu((q * k).sum(-1) + block.pos_weights[block.max_seq_len - 1] + block.time_weights[0])
-        av = torch.einsum("bhn,bnhd->bhd", history_w, caches.values[layer])
-        av = av + (self_w / block.max_seq_len)[..., None] * v
-        x = block.output(x, u, av.reshape(-1, h * dv))
-        new_keys.append(k)
-        new_values.append(v)
-    return l2_normalize(x, encoder.eps), new_keys, new_values
-
-
-def append_decoded(states: list[PrefixState], items: torch.Tensor, timestamps: torch.Tensor, out: torch.Tensor,
-                   new_keys: list[torch.Tensor], new_values: list[torch.Tensor]) -> list[PrefixState]:
-    """The states after ``decode_padded``: each one's cache plus its new token (rows 0..len(states)-1)."""
-    return [
-        PrefixState(torch.cat([s.items, items[b : b + 1]]), torch.cat([s.timestamps, timestamps[b : b + 1]]),
-                    tuple(torch.cat([c, k[b : b + 1]]) for c, k in zip(s.keys, new_keys, strict=True)),
-                    tuple(torch.cat([c, v[b : b + 1]]) for c, v in zip(s.values, new_values, strict=True)),
-                    out[b].clone())
-        for b, s in enumerate(states)
-    ]
-
-
-def extend_one_each(
-    encoder: HSTU,
-    item_table: torch.Tensor,
-    items: torch.Tensor,
-    timestamps: torch.Tensor,
-    states: list[PrefixState],
-) -> tuple[torch.Tensor, list[PrefixState]]:
-    """``extend`` of B sequences by one token each, in one batched pass (a decode step).
-
-    items, timestamps: [B], the new token of each state. Every state must be non-empty and shorter
-    than ``max_seq_len``. Returns ([B, d] L2-normalised outputs of the new tokens, the B new states).
-    The caches of different lengths are padded to the longest; the padding is masked out.
-    """
-    if encoder.training:
-        raise RuntimeError("extend_one_each() is for inference: call encoder.eval() first")
-    max_len = encoder.input.position_embeddings.shape[0]
-    if any(s.length == 0 or s.length >= max_len for s in states):
-        raise ValueError(f"every state needs 1 .. {max_len - 1} cached tokens to take one more")
-    caches = PaddedCaches.allocate(encoder, len(states), max(s.length for s in states), item_table.device,
-                                   states[0].keys[0].dtype)
-    caches.fill(states)
-    out, new_keys, new_values = decode_padded(encoder, item_table, items, timestamps, caches)
-    return out, append_decoded(states, items, timestamps, out, new_keys, new_values)
-
-
-def extend_candidates(
-    encoder: HSTU,
-    item_table: torch.Tensor,
-    candidates: torch.Tensor,
-    timestamps: torch.Tensor,
-    state: PrefixState,
-) -> tuple[torch.Tensor, list[PrefixState]]:
-    """Each of K candidates appended to the same prefix, in one pass: candidate c attends to the cached
-    history and to itself only (the ``num_targets`` mask) and sits at the next position, exactly as if
-    it had been appended alone. Returns ([K, d] L2-normalised outputs, the K extended states).
-    """
-    if encoder.training:
-        raise RuntimeError("extend_candidates() is for inference: call encoder.eval() first")
-    n, k_count = state.length, int(candidates.numel())
-    max_len = encoder.input.position_embeddings.shape[0]
-    if n == 0 or n >= max_len:
-        raise ValueError(f"the prefix needs 1 .. {max_len - 1} tokens to take candidates, has {n}")
-    x = item_table[candidates] * encoder.input.scale + encoder.input.position_embeddings[n]
-    j = torch.arange(n, device=x.device)
-    keys: list[list[torch.Tensor]] = [[] for _ in range(k_count)]
-    values: list[list[torch.Tensor]] = [[] for _ in range(k_count)]
-    for layer, block in enumerate(encoder.blocks):
-        h, dqk, dv = block.num_heads, block.attention_dim, block.linear_dim
-        u, v, q, k = block.project(x)
-        q, k, v = q.reshape(-1, h, dqk), k.reshape(-1, h, dqk), v.reshape(-1, h, dv)
-        k_cache, v_cache = state.keys[layer], state.values[layer]
-        num_buckets = block.time_weights.numel() - 1
-        history_bias = block.pos_weights[j - n + block.max_seq_len - 1][None, :] + block.time_weights[
-            time_gap_bucket(timestamps[:, None] - state.timestamps[None, :], block.time_bucket_scale, num_buckets)
-        ]  # [K, n]
-        self_bias = block.pos_weights[block.max_seq_len - 1] + block.time_weights[0]  # gap 0, same position
-        history_w = F.silu(torch.einsum("khd,nhd->khn", q, k_cache) + history_bias[:, None, :]) / block.max_seq_len
-        self_w = F.silu((q * k).sum(-1) + self_bias) / block.max_seq_len  # [K, H]
-        av = torch.einsum("khn,nhd->khd", history_w, v_cache) + self_w[..., None] * v
-        x = block.output(x, u, av.reshape(-1, h * dv))
-        for c in range(k_count):
-            keys[c].append(torch.cat([k_cache, k[c : c + 1]]))
-            values[c].append(torch.cat([v_cache, v[c : c + 1]]))
-    out = l2_normalize(x, encoder.eps)
-    states = [
-        PrefixState(torch.cat([state.items, candidates[c : c + 1]]),
-                    torch.cat([state.timestamps, timestamps[c : c + 1]]), tuple(keys[c]), tuple(values[c]),
-                    out[c].clone())
-        for c in range(k_count)
-    ]
-    return out, states
+    prefix = caches.prefix()
+    offsets = torch.arange(items.numel() + 1, device=item_table.device)
+    out = encoder(item_table[items], timestamps, offsets, prefix)
+    return out, prefix.new_keys, prefix.new_values

@@ -24,9 +24,11 @@ def sequence_index(seq_offsets: torch.Tensor, total: int) -> torch.Tensor:
     return torch.repeat_interleave(rows, seq_offsets.diff(), output_size=total)
 
 
-def positions(seq_offsets: torch.Tensor, total: int) -> torch.Tensor:
-    """[L] each row's index within its own sequence (the oldest item is 0)."""
-    starts = torch.repeat_interleave(seq_offsets[:-1], seq_offsets.diff(), output_size=total)
+def positions(seq_offsets: torch.Tensor, total: int, first: torch.Tensor | None = None) -> torch.Tensor:
+    """[L] each row's index within its own sequence (the oldest item is 0), plus ``first[b]`` ([B]) for
+    sequence b's rows when given (rows that follow ``first[b]`` earlier ones)."""
+    base = seq_offsets[:-1] if first is None else seq_offsets[:-1] - first
+    starts = torch.repeat_interleave(base, seq_offsets.diff(), output_size=total)
     return torch.arange(total, device=seq_offsets.device) - starts
 
 

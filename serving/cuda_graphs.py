@@ -1,4 +1,5 @@
-"""CUDA graphs of the decode step (``models.incremental.decode_padded``) for fixed (batch, length)
+"""CUDA graphs of the decode step (``models.incremental.decode_padded``: ``HSTU.forward`` over padded
+caches, the cached attention as one Triton kernel per block) for fixed (batch, length)
 buckets: a step of small kernels is replayed with one launch instead of issued kernel by kernel.
 
 A batch of B states whose longest cache has n tokens runs in the smallest bucket with room for both;

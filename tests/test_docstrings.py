@@ -12,8 +12,8 @@ import pytest
 MODULES = [
     *(f"models.{name}" for name in ("config", "embeddings", "hstu", "incremental", "jagged", "loss", "metrics",
                                     "recommender", "sasrec")),
-    *(f"models.ops.{name}" for name in ("hstu_attention", "hstu_attention_dense", "hstu_attention_triton",
-                                        "per_batch")),
+    *(f"models.ops.{name}" for name in ("hstu_attention", "hstu_attention_cached", "hstu_attention_dense",
+                                        "hstu_attention_triton", "per_batch")),
     *(f"data.{name}" for name in ("batch", "interactions", "loader", "sequences", "splits", "synthetic")),
     *(f"training.{name}" for name in ("analysis", "config", "optimizers")),
     "serving.appended",

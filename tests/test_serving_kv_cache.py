@@ -391,7 +391,8 @@ def test_beam_search_equals_a_full_recompute_reference(artifact, length, width, 
     beams = beam_search(engine, prefill(engine, None, query(items, stamps)), banned, steps, width, int(stamps[-1]))
     want = reference_beam_search(engine, items, stamps, banned, steps, width)
     assert [b.items for b in beams] == [w[0] for w in want]
-    np.testing.assert_allclose([b.log_prob for b in beams], [w[1] for w in want], rtol=1e-6)
+    # float32 sums in another order (cached prefix, then new tokens), in logits that are cosines / 0.05
+    np.testing.assert_allclose([b.log_prob for b in beams], [w[1] for w in want], rtol=1e-5)
 
 
 def test_a_beam_wider_than_the_items_left_keeps_only_real_sequences(artifact) -> None:
