@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     artifact = load_artifact(args.artifact or realistic_artifact(args.history))
     engine = Engine(artifact, device, kv_cache_bytes=256 << 20)
-    n = min(args.history, engine.max_len)
+    n = min(args.history, engine.max_seq_len)
     rng = np.random.default_rng(0)
     items = rng.integers(1, engine.num_items + 1, n).astype(np.int64)
     stamps = np.cumsum(rng.integers(0, 3600, n)).astype(np.int64)
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # Generation starts from a shorter history, so the generated items fit in the window and each step
     # appends to the cache instead of sliding (which recomputes).
-    g = max(1, min(n, engine.max_len - args.generate))
+    g = max(1, min(n, engine.max_seq_len - args.generate))
     g_items, g_stamps = items[:g], stamps[:g]
     (full,) = engine.compute([Prefill(None, g_items, g_stamps, g)])
     first, total = [], []
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     def generate_without_cache():  # the growing sequence computed in full at every step
         seq, ts, banned = list(g_items), list(g_stamps), np.unique(g_items)
         for _ in range(args.generate):
-            q = Query(np.array(seq[-engine.max_len:]), np.array(ts[-engine.max_len:]), 1, banned, None, 1)
+            q = Query(np.array(seq[-engine.max_seq_len:]), np.array(ts[-engine.max_seq_len:]), 1, banned, None, 1)
             (rec,) = engine.compute([q])
             item = int(rec.items[0])
             seq.append(item)

@@ -328,21 +328,21 @@ def suite_compare(args, artifact: Path) -> list[LoadResult]:
 
 def suite_chunking(args, artifact: Path) -> list[LoadResult]:
     """Short requests (5 events) at an open-loop rate while closed-loop callers keep sending long
-    anonymous histories (the model's max_len), on a KV-cache server with and without chunked prefill."""
+    anonymous histories (the model's max_seq_len), on a KV-cache server with and without chunked prefill."""
     from serving.artifact import load_artifact
 
     art = load_artifact(artifact)
-    max_len, num_items = int(art.model_config["max_seq_len"]), art.num_items
+    max_seq_len, num_items = int(art.model_config["max_seq_len"]), art.num_items
     async def both(address: str, label: str) -> list[LoadResult]:
         return list(await asyncio.gather(
             closed_loop(address, args.long_callers, args.duration, args.timeout, 0, 10, f"{label}: long",
-                        source=history_requests(max_len, num_items, 1)),
+                        source=history_requests(max_seq_len, num_items, 1)),
             open_loop(address, args.qps, args.duration, args.timeout, 0, 10, f"{label}: short",
                       source=history_requests(5, num_items, 2))))
 
     rows = []
     chunk = args.prefill_chunk
-    for label, size in ((f"no chunking ({max_len})", max_len), (f"chunks of {chunk}", chunk)):
+    for label, size in ((f"no chunking ({max_seq_len})", max_seq_len), (f"chunks of {chunk}", chunk)):
         extra = ("--kv-cache-mb", "256", "--prefill-chunk-tokens", str(size))
         with ServerProcess(artifact, args.max_batch_size, args.max_queue_delay_ms, args.max_queue_size,
                            args.torch_threads, args.device, extra) as server:
@@ -597,7 +597,7 @@ def suite_engine(args, artifact: Path) -> None:
     torch.set_num_threads(args.torch_threads)
     art = load_artifact(artifact)
     engine, catalogue = Engine(art, args.device), Catalogue.from_artifact(art)
-    limits = RequestLimits(max_len=engine.max_len)
+    limits = RequestLimits(max_seq_len=engine.max_seq_len)
     source = requests(args.num_users, args.top_k)
     print("\n| batch | ms / batch | ms / request | requests/s |\n|------:|-----------:|-------------:|-----------:|")
     for size in (1, 4, 16, 32, 64):

@@ -23,7 +23,7 @@ Example::
     >>> from data.prepare import PreparedDataset
     >>> from data.synthetic import synthetic_interactions
     >>> dataset = PreparedDataset.from_interactions(synthetic_interactions(), "synthetic")
-    >>> loader = make_dataloader(dataset, Split.TRAIN, batch_size=128, max_len=50, num_negatives=512,
+    >>> loader = make_dataloader(dataset, Split.TRAIN, batch_size=128, max_seq_len=50, num_negatives=512,
     ...                          seed=0, epoch=3, rank=1, world_size=2)
     >>> batch = next(iter(loader))
     >>> len(loader), batch.batch_size, batch.negatives().numel()
@@ -137,7 +137,7 @@ class SplitDataset(Dataset[SeqBatch]):
         sequences: UserSequences,
         split: Split,
         *,
-        max_len: int,
+        max_seq_len: int,
         num_items: int,
         num_negatives: int = 0,
         exclude_validation_from_train: bool = False,
@@ -154,7 +154,7 @@ class SplitDataset(Dataset[SeqBatch]):
         self.seed, self.epoch = seed, epoch
         target = split_targets(sequences, self.split, split_config or SplitConfig(),
                                exclude_validation_from_train=exclude_validation_from_train)
-        start = window_start(target, max_len)
+        start = window_start(target, max_seq_len)
         eligible = target >= 1
         if 0 < sample_users < eligible.sum():
             # A fixed sample (the seed's, not the epoch's), so every epoch validates the same users.
@@ -239,7 +239,7 @@ def make_dataloader(
     split: Split,
     *,
     batch_size: int,
-    max_len: int,
+    max_seq_len: int,
     num_negatives: int = 0,
     shuffle: bool | None = None,
     seed: int = 0,
@@ -270,7 +270,7 @@ def make_dataloader(
     split_data = SplitDataset(
         dataset.packed,
         split,
-        max_len=max_len,
+        max_seq_len=max_seq_len,
         num_items=dataset.num_items,
         num_negatives=num_negatives,
         exclude_validation_from_train=exclude_validation_from_train,

@@ -13,7 +13,7 @@ item that follows it"; the splits differ only in where the target sits:
 
 So by default the train target is the validation target (as in generative-recommenders);
 ``exclude_validation_from_train`` keeps the validation item out of training. Histories keep the
-most recent ``max_len`` items. A user whose history would be empty is skipped for that split.
+most recent ``max_seq_len`` items. A user whose history would be empty is skipped for that split.
 
 Temporal (``SplitKind.TEMPORAL``, two global cut times ``valid_start < test_start``, in seconds): with
 ``a`` the number of the user's events before ``valid_start`` and ``b`` the number before ``test_start``,
@@ -29,11 +29,11 @@ leave-one-out, training sees the validation targets unless ``exclude_validation_
 
 Example::
 
-    >>> split_sequence([5, 6, 7, 8], Split.TEST, max_len=2)
+    >>> split_sequence([5, 6, 7, 8], Split.TEST, max_seq_len=2)
     ([6, 7], 8)
-    >>> split_sequence([5, 6, 7, 8], Split.TRAIN, max_len=10, exclude_validation_from_train=True)
+    >>> split_sequence([5, 6, 7, 8], Split.TRAIN, max_seq_len=10, exclude_validation_from_train=True)
     ([5], 6)
-    >>> split_sequence([5, 6], Split.VALID, max_len=10) is None
+    >>> split_sequence([5, 6], Split.VALID, max_seq_len=10) is None
     True
 """
 
@@ -157,27 +157,27 @@ def target_positions(
 
 
 def history_bounds(
-    lengths: np.ndarray | int, split: Split, max_len: int, *, exclude_validation_from_train: bool = False
+    lengths: np.ndarray | int, split: Split, max_seq_len: int, *, exclude_validation_from_train: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
     """(start, target) positions within each sequence (leave-one-out): the history is
-    ``s[start:target]``, at most ``max_len`` long. Only meaningful where ``target >= 1``."""
+    ``s[start:target]``, at most ``max_seq_len`` long. Only meaningful where ``target >= 1``."""
     target = target_positions(lengths, split, exclude_validation_from_train=exclude_validation_from_train)
-    return window_start(target, max_len), target
+    return window_start(target, max_seq_len), target
 
 
-def window_start(target: np.ndarray, max_len: int) -> np.ndarray:
-    """Where the history before each target starts: at most ``max_len`` events back."""
-    if max_len < 1:
-        raise ValueError(f"max_len must be >= 1, got {max_len}")
-    return np.maximum(np.asarray(target) - max_len, 0)
+def window_start(target: np.ndarray, max_seq_len: int) -> np.ndarray:
+    """Where the history before each target starts: at most ``max_seq_len`` events back."""
+    if max_seq_len < 1:
+        raise ValueError(f"max_seq_len must be >= 1, got {max_seq_len}")
+    return np.maximum(np.asarray(target) - max_seq_len, 0)
 
 
 def split_sequence(
-    sequence: Sequence[T], split: Split, max_len: int, *, exclude_validation_from_train: bool = False
+    sequence: Sequence[T], split: Split, max_seq_len: int, *, exclude_validation_from_train: bool = False
 ) -> tuple[list[T], T] | None:
     """(history, target) of one user's full chronological sequence, or None when it is too short."""
     start, target = history_bounds(
-        len(sequence), split, max_len, exclude_validation_from_train=exclude_validation_from_train
+        len(sequence), split, max_seq_len, exclude_validation_from_train=exclude_validation_from_train
     )
     start, target = int(start), int(target)
     if target < 1:

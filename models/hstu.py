@@ -172,6 +172,7 @@ class HSTU(nn.Module):
         super().__init__()
         self.checkpointing = config.activation_checkpointing
         self.eps = config.l2_norm_eps
+        self.max_seq_len = config.max_seq_len
         self.input = InputLayer(config.max_seq_len, config.embedding_dim, config.dropout, xavier_init=True,
                                 device=device)
         self.blocks = nn.ModuleList(HSTUBlock(config, device) for _ in range(config.num_blocks))

@@ -68,10 +68,6 @@ class PrefixState:
                            tuple(torch.cat([c, v]) for c, v in zip(self.values, values, strict=True)), user.clone())
 
 
-def _max_len(encoder: HSTU) -> int:
-    return encoder.input.position_embeddings.shape[0]
-
-
 def _offsets(lengths: list[int], device: torch.device) -> torch.Tensor:
     return torch.tensor([0, *lengths], device=device).cumsum(0)
 
@@ -111,8 +107,8 @@ def extend(
     _for_inference(encoder, "extend")
     device = item_table.device
     start, m = (0 if state is None else state.length), int(items.numel())
-    if start + m > _max_len(encoder):
-        raise ValueError(f"{start} cached + {m} new tokens exceed max_seq_len={_max_len(encoder)}")
+    if start + m > encoder.max_seq_len:
+        raise ValueError(f"{start} cached + {m} new tokens exceed max_seq_len={encoder.max_seq_len}")
     if m == 0:
         raise ValueError("extend() needs at least one new token")
     if state is None or state.length == 0:
@@ -139,8 +135,8 @@ def extend_one_each(
     than ``max_seq_len``. Returns ([B, d] L2-normalised outputs of the new tokens, the B new states).
     """
     _for_inference(encoder, "extend_one_each")
-    if any(s.length == 0 or s.length >= _max_len(encoder) for s in states):
-        raise ValueError(f"every state needs 1 .. {_max_len(encoder) - 1} cached tokens to take one more")
+    if any(s.length == 0 or s.length >= encoder.max_seq_len for s in states):
+        raise ValueError(f"every state needs 1 .. {encoder.max_seq_len - 1} cached tokens to take one more")
     prefix = _prefix(encoder, states, item_table.device)
     prefix.max_new = 1
     out = encoder(item_table[items], timestamps, torch.arange(len(states) + 1, device=item_table.device), prefix)
@@ -160,8 +156,8 @@ def extend_candidates(
     """
     _for_inference(encoder, "extend_candidates")
     n, count, device = state.length, int(candidates.numel()), item_table.device
-    if n == 0 or n >= _max_len(encoder):
-        raise ValueError(f"the prefix needs 1 .. {_max_len(encoder) - 1} tokens to take candidates, has {n}")
+    if n == 0 or n >= encoder.max_seq_len:
+        raise ValueError(f"the prefix needs 1 .. {encoder.max_seq_len - 1} tokens to take candidates, has {n}")
     shared = torch.zeros(count, dtype=torch.int64, device=device)
     prefix = Prefix(state.keys, state.values, state.timestamps, shared, shared + n, max_length=n, max_new=1)
     out = encoder(item_table[candidates], timestamps, torch.arange(count + 1, device=device), prefix)

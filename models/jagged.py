@@ -45,10 +45,10 @@ def next_item_labels(values: torch.Tensor, targets: torch.Tensor, seq_offsets: t
     return torch.roll(values, -1, dims=0).index_copy(0, last_positions(seq_offsets), targets)
 
 
-def to_padded(values: torch.Tensor, seq_offsets: torch.Tensor, max_len: int) -> torch.Tensor:
-    """[L, d] -> [B, max_len, d], each sequence left-aligned, zeros after it."""
+def to_padded(values: torch.Tensor, seq_offsets: torch.Tensor, length: int) -> torch.Tensor:
+    """[L, d] -> [B, length, d], each sequence left-aligned, zeros after it."""
     total = values.shape[0]
-    out = values.new_zeros(seq_offsets.numel() - 1, max_len, *values.shape[1:])
+    out = values.new_zeros(seq_offsets.numel() - 1, length, *values.shape[1:])
     return out.index_put((sequence_index(seq_offsets, total), positions(seq_offsets, total)), values)
 
 

@@ -101,8 +101,8 @@ class SASRec(nn.Module):
         """Same contract as ``HSTU.forward``; ``timestamps`` is unused (SASRec has no time signal)."""
         del timestamps
         total = item_embeddings.shape[0]
-        max_len = int(seq_offsets.diff().max())  # pads to the batch's longest history, not max_seq_len
-        x = jagged.to_padded(self.input(item_embeddings, seq_offsets), seq_offsets, max_len)
+        longest = int(seq_offsets.diff().max())  # pads to the batch's longest history, not max_seq_len
+        x = jagged.to_padded(self.input(item_embeddings, seq_offsets), seq_offsets, longest)
         for block in self.blocks:
             if self.checkpointing and torch.is_grad_enabled():
                 x = checkpoint(block, x, use_reentrant=False)

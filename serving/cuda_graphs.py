@@ -58,9 +58,9 @@ class DecodeGraphs:
         if item_table.device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA device")
         self.encoder, self.item_table = encoder, item_table
-        self.max_len = encoder.input.position_embeddings.shape[0]
+        self.max_seq_len = encoder.max_seq_len
         self.batch_buckets = tuple(sorted(batch_buckets))
-        self.length_buckets = tuple(sorted({min(n, self.max_len) for n in length_buckets}))
+        self.length_buckets = tuple(sorted({min(n, self.max_seq_len) for n in length_buckets}))
         self._graphs: dict[tuple[int, int], _Graph | None] = {}  # None: its capture failed, run eagerly
         self._pool = torch.cuda.graph_pool_handle()  # one memory pool for all buckets (replayed in turn)
         self.replays = 0
@@ -94,7 +94,7 @@ class DecodeGraphs:
                  ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]] | None:
         """``decode_padded`` of ``states`` through a graph: rows 0..B-1 of its outputs (copies), or None
         when no bucket fits (run eagerly then)."""
-        if any(s.length == 0 or s.length >= self.max_len for s in states):
+        if any(s.length == 0 or s.length >= self.max_seq_len for s in states):
             return None  # not a decode step the graph can take; the eager path says why
         key = self.bucket(len(states), max(s.length for s in states))
         graph = None if key is None else self._graph(key)

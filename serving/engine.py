@@ -99,7 +99,7 @@ class Engine:
         self.item_vectors = l2_normalize(self.item_table, self.config.l2_norm_eps)
 
     @property
-    def max_len(self) -> int:
+    def max_seq_len(self) -> int:
         return self.config.max_seq_len
 
     @torch.inference_mode()
@@ -184,7 +184,7 @@ class Engine:
         if self.graphs is None:
             return {}
         one = [i for i, (p, st) in enumerate(zip(prefills, starts, strict=True))
-               if st is not None and len(p.items) - st.length == 1 and 0 < st.length < self.max_len]
+               if st is not None and len(p.items) - st.length == 1 and 0 < st.length < self.max_seq_len]
         if not one:
             return {}
         ids = torch.tensor([int(prefills[i].items[-1]) for i in one], dtype=torch.int64, device=self.device)
@@ -230,7 +230,7 @@ class Engine:
             item = self._sample(row, d.temperature, d.generator) if d.temperature > 0 else int(torch.argmax(row))
             chosen.append((item, float(row[item])))
         states: list[PrefixState | None] = [None] * len(decodes)
-        room = [b for b, d in enumerate(decodes) if d.state.length < self.max_len]
+        room = [b for b, d in enumerate(decodes) if d.state.length < self.max_seq_len]
         if room:
             ids = torch.tensor([chosen[b][0] for b in room], dtype=torch.int64, device=self.device)
             stamps = torch.tensor([decodes[b].timestamp for b in room], dtype=torch.int64, device=self.device)
@@ -280,7 +280,7 @@ class Engine:
         for b, items in chosen.items():
             ids = torch.tensor(items, dtype=torch.int64, device=self.device)
             stamps = torch.full_like(ids, step.timestamp)
-            if beams[b].state.length < self.max_len:  # all of this beam's survivors in one pass
+            if beams[b].state.length < self.max_seq_len:  # all of this beam's survivors in one pass
                 states = extend_candidates(self.encoder, self.item_table, ids, stamps, beams[b].state)[1]
             else:
                 states = [self._append(beams[b].state, c, step.timestamp) for c in items]
@@ -300,7 +300,7 @@ class Engine:
         """Runs full-length batches of size 1 and ``max_batch_size`` once, so the first real requests
         do not pay for first-call allocations; returns the seconds it took."""
         start = time.perf_counter()
-        n = self.max_len
+        n = self.max_seq_len
         query = Query(
             items=np.arange(n, dtype=np.int64) % self.num_items + 1,
             timestamps=np.arange(n, dtype=np.int64) * 60,

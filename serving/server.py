@@ -521,7 +521,7 @@ class RecommenderServer:
         s.use_cache, s.prefill_chunk = self.engine.cache is not None, cfg.prefill_chunk_tokens
         s.use_prefix_states, s.device = self.engine.incremental, self.engine.device
         s.max_generations, s.append_events = cfg.max_generations, cfg.append_events
-        s.limits = RequestLimits(max_len=self.engine.max_len, max_request_bytes=cfg.max_request_bytes,
+        s.limits = RequestLimits(max_seq_len=self.engine.max_seq_len, max_request_bytes=cfg.max_request_bytes,
                                  max_id_chars=cfg.max_id_chars, max_generate_items=cfg.max_generate_items,
                                  max_beam_work=cfg.max_beam_work,
                                  exclude_seen=cfg.exclude_seen or catalogue.exclude_seen)

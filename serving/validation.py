@@ -7,7 +7,7 @@ reaches (or stalls) a batch. Every error names the field the way the proto spell
 Policy, chosen once here:
 - ids: an unknown raw item id anywhere (history, exclude, candidates) is an error, not a skip.
 - history: oldest first; a known user's stored history comes first and the request's events are
-  appended. Longer than the model's ``max_len``: the most recent ``max_len`` events are used, the
+  appended. Longer than the model's ``max_seq_len``: the most recent ``max_seq_len`` events are used, the
   same truncation as training; beyond ``max_events`` the request is rejected as oversized.
 - timestamps: finite, >= 0 and below 2**53 seconds, non-decreasing (ties allowed).
 - user ids: at most ``max_id_chars`` characters. An error message quotes client input cut to
@@ -20,7 +20,7 @@ Policy, chosen once here:
 
 Example::
 
-    >>> q = parse_request(RecommendRequest(user_id="1", top_k=10), catalogue, RequestLimits(max_len=200))
+    >>> q = parse_request(RecommendRequest(user_id="1", top_k=10), catalogue, RequestLimits(max_seq_len=200))
     >>> q.top_k, q.candidates is None
     (10, True)
 """
@@ -53,7 +53,7 @@ class InvalidRequest(ValueError):
 
 @dataclass(frozen=True)
 class RequestLimits:
-    """Bounds on one request. ``max_len`` comes from the model; the others stop oversized input.
+    """Bounds on one request. ``max_seq_len`` comes from the model; the others stop oversized input.
 
     Attributes:
         max_id_chars: longest user_id (a key of server-side state: the KV cache, appended events).
@@ -63,7 +63,7 @@ class RequestLimits:
         exclude_seen: which of the history's items retrieval never returns.
     """
 
-    max_len: int
+    max_seq_len: int
     max_request_bytes: int = 1 << 20
     max_events: int = 10_000
     max_item_list: int = 10_000
@@ -94,11 +94,11 @@ def parse_request(request: pb.RecommendRequest, catalogue: Catalogue, limits: Re
         candidates = candidates[~np.isin(candidates, exclude)]
     else:
         candidates = None
-        seen = items if limits.exclude_seen is SeenItems.HISTORY else items[-limits.max_len :]
+        seen = items if limits.exclude_seen is SeenItems.HISTORY else items[-limits.max_seq_len :]
         exclude = np.union1d(seen, exclude)
     return Query(
-        items=items[-limits.max_len :],
-        timestamps=stamps[-limits.max_len :],
+        items=items[-limits.max_seq_len :],
+        timestamps=stamps[-limits.max_seq_len :],
         top_k=top_k,
         exclude=exclude,
         candidates=candidates,

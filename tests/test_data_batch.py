@@ -78,7 +78,7 @@ def test_loader_ratings_match_the_events() -> None:
     from data.synthetic import synthetic_interactions
 
     dataset = PreparedDataset.from_interactions(synthetic_interactions(), "synthetic")
-    batch = next(iter(make_dataloader(dataset, Split.TEST, batch_size=16, max_len=10)))
+    batch = next(iter(make_dataloader(dataset, Split.TEST, batch_size=16, max_seq_len=10)))
     frame = dataset.sequences
     expected = []
     for user, length in zip(batch.user_ids.tolist(), batch.lengths.tolist(), strict=True):

@@ -15,13 +15,13 @@ from data.synthetic import SyntheticConfig, synthetic_interactions
 
 @pytest.fixture(scope="module")
 def dataset() -> PreparedDataset:
-    # ~300 users with lengths from 2 to ~200: some too short for train/valid, some longer than max_len.
+    # ~300 users with lengths from 2 to ~200: some too short for train/valid, some longer than max_seq_len.
     config = SyntheticConfig(num_users=301, num_items=400, mean_length=15, seed=7)
     return PreparedDataset.from_interactions(synthetic_interactions(config), "synthetic")
 
 
 def batches(dataset: PreparedDataset, split: Split, **kwargs: object) -> list[SeqBatch]:
-    args = {"batch_size": 32, "max_len": 20, "num_negatives": 50 if split is Split.TRAIN else 0} | kwargs
+    args = {"batch_size": 32, "max_seq_len": 20, "num_negatives": 50 if split is Split.TRAIN else 0} | kwargs
     return list(make_dataloader(dataset, split, **args))  # type: ignore[arg-type]
 
 
@@ -112,7 +112,7 @@ def test_negatives_in_range_and_shared_pool(dataset: PreparedDataset) -> None:
 
 def test_batches_hold_the_split_histories(dataset: PreparedDataset) -> None:
     for split in Split:
-        for batch in batches(dataset, split, max_len=20, shuffle=split is Split.TRAIN):
+        for batch in batches(dataset, split, max_seq_len=20, shuffle=split is Split.TRAIN):
             histories, targets = batch.sequences(), batch.targets().tolist()
             ts = torch.split(batch.timestamps, batch.lengths.tolist())
             for row, user in enumerate(batch.user_ids.tolist()):
@@ -134,9 +134,9 @@ def test_eval_covers_each_user_once_with_padding(dataset: PreparedDataset) -> No
     assert sorted(real.tolist()) == list(range(dataset.num_users))  # every user has >= 2 events
     assert all(b.negatives().numel() == 0 for bs in per_rank for b in bs)
     with pytest.raises(ValueError, match="in order and without negatives"):
-        make_dataloader(dataset, Split.TEST, batch_size=8, max_len=5, shuffle=True)
+        make_dataloader(dataset, Split.TEST, batch_size=8, max_seq_len=5, shuffle=True)
     with pytest.raises(ValueError, match="in order and without negatives"):
-        make_dataloader(dataset, Split.VALID, batch_size=8, max_len=5, num_negatives=3)
+        make_dataloader(dataset, Split.VALID, batch_size=8, max_seq_len=5, num_negatives=3)
 
 
 def test_workers_give_the_same_batches(dataset: PreparedDataset) -> None:
@@ -146,7 +146,7 @@ def test_workers_give_the_same_batches(dataset: PreparedDataset) -> None:
 def test_sampled_validation_users_are_a_fixed_subset_on_any_number_of_ranks(dataset: PreparedDataset) -> None:
     def users(world_size: int, **kwargs: object) -> list[int]:
         return sorted(u for rank in range(world_size)
-                      for b in make_dataloader(dataset, Split.VALID, batch_size=8, max_len=10, rank=rank,
+                      for b in make_dataloader(dataset, Split.VALID, batch_size=8, max_seq_len=10, rank=rank,
                                                world_size=world_size, **kwargs)
                       for u in b.user_ids.tolist() if u >= 0)
 

@@ -107,7 +107,7 @@ def test_leave_one_out_on_ml1m_targets_the_last_event(tmp_path: Path) -> None:
     last_two = ordered.groupby("user")["item"].agg(lambda s: s.tolist()[-2:])
     raw_item = ds.items.set_index("item_id")["raw_item"]
     for split, which in ((Split.TEST, -1), (Split.VALID, 0)):
-        data = SplitDataset(ds.packed, split, max_len=200, num_items=ds.num_items)
+        data = SplitDataset(ds.packed, split, max_seq_len=200, num_items=ds.num_items)
         batch = data[BatchPlan(0, np.arange(len(data)))]
         users = ds.raw_users.to_numpy()[batch.user_ids.numpy()]
         targets = raw_item[batch.targets().numpy()].to_numpy()

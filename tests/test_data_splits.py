@@ -30,14 +30,14 @@ S = [10, 11, 12, 13, 14]  # a user's full sequence, oldest first
     ],
 )
 def test_split_positions(split: Split, exclude: bool, expected: tuple[list[int], int]) -> None:
-    assert split_sequence(S, split, max_len=100, exclude_validation_from_train=exclude) == expected
+    assert split_sequence(S, split, max_seq_len=100, exclude_validation_from_train=exclude) == expected
 
 
-def test_histories_keep_the_most_recent_max_len() -> None:
-    assert split_sequence(S, Split.TEST, max_len=2) == ([12, 13], 14)
-    assert split_sequence(S, Split.TRAIN, max_len=1) == ([12], 13)
-    with pytest.raises(ValueError, match="max_len"):
-        split_sequence(S, Split.TEST, max_len=0)
+def test_histories_keep_the_most_recent_max_seq_len() -> None:
+    assert split_sequence(S, Split.TEST, max_seq_len=2) == ([12, 13], 14)
+    assert split_sequence(S, Split.TRAIN, max_seq_len=1) == ([12], 13)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        split_sequence(S, Split.TEST, max_seq_len=0)
 
 
 @pytest.mark.parametrize(
@@ -53,7 +53,7 @@ def test_too_short_users_are_skipped(split: Split, exclude: bool, shortest: int)
 def test_vectorised_bounds_match_the_scalar_split() -> None:
     lengths = np.arange(0, 30)
     for split in Split:
-        start, target = history_bounds(lengths, split, max_len=7)
+        start, target = history_bounds(lengths, split, max_seq_len=7)
         for n, lo, t in zip(lengths, start, target, strict=True):
             seq = list(range(100, 100 + n))
             result = split_sequence(seq, split, 7)
@@ -64,10 +64,10 @@ def test_skipped_users_are_counted() -> None:
     ds = PreparedDataset.from_interactions(FileSource(FIXTURES / "formats" / "movielens-dat").load(), "dat")
     lengths = ds.packed.lengths.tolist()
     assert lengths == [3, 2, 3]
-    valid = SplitDataset(ds.packed, Split.VALID, max_len=10, num_items=ds.num_items)
+    valid = SplitDataset(ds.packed, Split.VALID, max_seq_len=10, num_items=ds.num_items)
     assert valid.skipped == 1 and valid.users.tolist() == [0, 2]
     train = SplitDataset(
-        ds.packed, Split.TRAIN, max_len=10, num_items=ds.num_items, exclude_validation_from_train=True
+        ds.packed, Split.TRAIN, max_seq_len=10, num_items=ds.num_items, exclude_validation_from_train=True
     )
     assert train.skipped == 3 and len(train) == 0
 
@@ -84,14 +84,14 @@ def test_targets_are_the_last_events_by_time_then_file_order() -> None:
 
     raw_item = ds.items.set_index("item_id")["raw_item"]
     for split, which in ((Split.TEST, -1), (Split.VALID, 0)):
-        data = SplitDataset(ds.packed, split, max_len=5, num_items=ds.num_items)
+        data = SplitDataset(ds.packed, split, max_seq_len=5, num_items=ds.num_items)
         batch = data[BatchPlan(0, np.arange(len(data)))]
         users = ds.raw_users.to_numpy()[batch.user_ids.numpy()]
         targets = raw_item[batch.targets().numpy()].to_numpy()
         assert dict(zip(users.tolist(), targets.tolist(), strict=True)) == {
             u: items[which] for u, items in last_two.items()
         }
-        assert batch.lengths.max().item() == 5  # truncated to max_len
+        assert batch.lengths.max().item() == 5  # truncated to max_seq_len
 
 
 # --- the temporal split -------------------------------------------------------------------------
@@ -110,7 +110,7 @@ def timeline() -> PreparedDataset:
 
 def split_of(ds: PreparedDataset, split: Split, **kwargs: object) -> dict[str, tuple[list[int], int]]:
     """raw user -> (history as raw items, raw target) of every user the split keeps."""
-    data = SplitDataset(ds.packed, split, max_len=10, num_items=ds.num_items, split_config=TEMPORAL, **kwargs)
+    data = SplitDataset(ds.packed, split, max_seq_len=10, num_items=ds.num_items, split_config=TEMPORAL, **kwargs)
     if len(data) == 0:
         return {}
     batch = data[BatchPlan(0, np.arange(len(data)))]

@@ -25,7 +25,7 @@ MODEL = ModelConfig(encoder=EncoderType.HSTU, max_seq_len=MAX_LEN, embedding_dim
 
 def loader(dataset: PreparedDataset):
     # Under the whole-history rule, rows whose history is longer than the window also carry a window.
-    return make_dataloader(dataset, Split.TEST, batch_size=64, max_len=MAX_LEN, seen=SeenItems.HISTORY)
+    return make_dataloader(dataset, Split.TEST, batch_size=64, max_seq_len=MAX_LEN, seen=SeenItems.HISTORY)
 
 
 @torch.no_grad()

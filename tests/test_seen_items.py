@@ -34,7 +34,7 @@ def dataset() -> PreparedDataset:
 def evaluation_seen(dataset: PreparedDataset, rule: SeenItems) -> dict[int, set[int]]:
     """Per dense user: the dense items the test split's evaluation treats as seen."""
     seen: dict[int, set[int]] = {}
-    for batch in make_dataloader(dataset, Split.TEST, batch_size=16, max_len=MAX_LEN, seen=rule):
+    for batch in make_dataloader(dataset, Split.TEST, batch_size=16, max_seq_len=MAX_LEN, seen=rule):
         ids, lengths = batch.seen()
         for user, items in zip(batch.user_ids.tolist(), torch.split(ids, lengths.tolist()), strict=True):
             if user >= 0:
@@ -48,7 +48,7 @@ def serving_seen(dataset: PreparedDataset, rule: SeenItems) -> dict[int, set[int
     catalogue = Catalogue(items[["item_id", "raw_item"]].assign(raw_item=items["raw_item"].astype(str)),
                           pd.DataFrame({"user_id": [], "item_ids": [], "timestamps": []}))
     raw = ["", *items["raw_item"].astype(str)]
-    limits = RequestLimits(max_len=MAX_LEN, exclude_seen=rule)
+    limits = RequestLimits(max_seq_len=MAX_LEN, exclude_seen=rule)
     packed = dataset.packed
     seen = {}
     for user in range(len(packed)):

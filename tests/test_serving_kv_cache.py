@@ -114,7 +114,7 @@ def test_cached_answers_after_appended_events_equal_a_full_recompute(artifact) -
     assert_same(cached, engine.compute([edited])[0])
 
 
-def test_window_that_slides_past_max_len_is_recomputed(artifact) -> None:
+def test_window_that_slides_past_max_seq_len_is_recomputed(artifact) -> None:
     engine = Engine(artifact, kv_cache_bytes=1 << 20)
     items, stamps = history(3, MAX_LEN + 5)
     before = query(items[:MAX_LEN], stamps[:MAX_LEN])

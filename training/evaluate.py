@@ -197,7 +197,7 @@ def eval_loader(cfg: TrainConfig, dataset: PreparedDataset, ctx: DistContext):
         dataset,
         Split.TEST,
         batch_size=cfg.data.eval_batch_size,
-        max_len=cfg.model.max_seq_len,
+        max_seq_len=cfg.model.max_seq_len,
         num_negatives=0,
         shuffle=False,
         seed=cfg.run.seed,

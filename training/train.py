@@ -142,7 +142,7 @@ class Trainer:
             self.dataset,
             split,
             batch_size=cfg.batch_size // self.ctx.world_size if train else cfg.eval_batch_size,
-            max_len=self.cfg.model.max_seq_len,
+            max_seq_len=self.cfg.model.max_seq_len,
             num_negatives=cfg.num_negatives if train else 0,
             shuffle=train,
             seed=self.cfg.run.seed,

@@ -721,7 +721,7 @@ def kernel_configs(*, fwd: triton.Config | None = None, dq: triton.Config | None
         _PINNED = prev
 
 
-# Each (sequence, head) pair gets cdiv(max_len, block) programs: query blocks (fwd, dq) or key blocks (dkdv).
+# Each (sequence, head) pair gets cdiv(longest, block) programs: query blocks (fwd, dq) or key blocks (dkdv).
 _GRID_BLOCK = {"fwd": "BLOCK_M", "dq": "BLOCK_M", "dkdv": "BLOCK_N"}
 
 
@@ -832,9 +832,9 @@ class _Meta:
     def __init__(self, q, seq_offsets, max_seq_len, alpha, pos_w, time_w, ts, scale, num_targets):
         L, H, dq = q.shape
         offs, lengths, self.seq_offsets = _offsets_on_host(seq_offsets, L, q.device)
-        self.max_len = int(lengths.max()) if lengths.numel() else 0
-        if self.max_len > max_seq_len:
-            raise ValueError(f"a sequence of length {self.max_len} exceeds max_seq_len={max_seq_len}")
+        self.longest = int(lengths.max()) if lengths.numel() else 0
+        if self.longest > max_seq_len:
+            raise ValueError(f"a sequence of length {self.longest} exceeds max_seq_len={max_seq_len}")
         self.covered = bool(offs[0] == 0 and offs[-1] == L)
         self.B, self.H, self.L = lengths.numel(), H, L
         self.max_seq_len, self.alpha = int(max_seq_len), float(alpha)
@@ -861,12 +861,12 @@ class _Meta:
             self.ts = self.thresh = self.seq_offsets  # never read
         self.dot_prec = _dot_precision(q.dtype)
         self.silu_mode = _silu_mode(q.dtype)
-        self.autotune_len = triton.next_power_of_2(max(self.max_len, 16))
+        self.autotune_len = triton.next_power_of_2(max(self.longest, 16))
 
     def scalars(self) -> tuple:
         # The kernels take log2 and scale by ln(2) / scale to get ln(dt) / scale.
         return (self.H, self.alpha, 1.0 / self.max_seq_len, self.max_seq_len, math.log(2.0) / self.scale,
-                self.num_buckets, self.autotune_len, self.max_len)
+                self.num_buckets, self.autotune_len, self.longest)
 
 
 def _block_d(d: int) -> int:
@@ -881,7 +881,7 @@ def _forward(q, k, v, meta: _Meta, pos_w, time_w) -> torch.Tensor:
     L, H, dq = q.shape
     dv = v.shape[2]
     out = _new_output((L, H, dv), v, meta.covered)
-    if meta.B == 0 or meta.max_len == 0 or H == 0:
+    if meta.B == 0 or meta.longest == 0 or H == 0:
         return out
     pw = pos_w if meta.has_bias else meta.seq_offsets
     tw = time_w if meta.has_bias else meta.seq_offsets
@@ -890,7 +890,7 @@ def _forward(q, k, v, meta: _Meta, pos_w, time_w) -> torch.Tensor:
             out.stride(0), out.stride(1), *meta.scalars())
     kw = dict(DQ=dq, DV=dv, BLOCK_DQ=_block_d(dq), BLOCK_DV=_block_d(dv), HAS_BIAS=meta.has_bias,
               HAS_TARGETS=meta.has_targets, SILU_MODE=meta.silu_mode, DOT_PREC=meta.dot_prec)
-    _launch("fwd", _hstu_fwd_kernel, meta.max_len, meta.B * H, args, kw)
+    _launch("fwd", _hstu_fwd_kernel, meta.longest, meta.B * H, args, kw)
     return out
 
 
@@ -904,7 +904,7 @@ def _backward(q, k, v, do, meta: _Meta, pos_w, time_w, bias_grad: bool):
     if bias_grad:
         dpos = torch.zeros(pos_w.numel(), dtype=torch.float32, device=q.device)
         dtime = torch.zeros(time_w.numel(), dtype=torch.float32, device=q.device)
-    if meta.B == 0 or meta.max_len == 0 or H == 0:
+    if meta.B == 0 or meta.longest == 0 or H == 0:
         return dq, dk, dv, dpos, dtime
     pw = pos_w if meta.has_bias else meta.seq_offsets
     tw = time_w if meta.has_bias else meta.seq_offsets
@@ -915,13 +915,13 @@ def _backward(q, k, v, do, meta: _Meta, pos_w, time_w, bias_grad: bool):
             dpos if bias_grad else scratch, dtime if bias_grad else scratch,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             do.stride(0), do.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), *meta.scalars())
-    _launch("dkdv", _hstu_bwd_dkdv_kernel, meta.max_len, meta.B * H, args,
+    _launch("dkdv", _hstu_bwd_dkdv_kernel, meta.longest, meta.B * H, args,
             dict(common, DV_=dv_dim, NUM_BINS=triton.next_power_of_2(max(meta.num_buckets + 1, 2)),
                  BIAS_GRAD=bias_grad))
     args = (q, k, v, do, dq, meta.seq_offsets, meta.num_targets, pw, tw, meta.ts, meta.thresh,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             do.stride(0), do.stride(1), dq.stride(0), dq.stride(1), *meta.scalars())
-    _launch("dq", _hstu_bwd_dq_kernel, meta.max_len, meta.B * H, args, dict(common, DV=dv_dim))
+    _launch("dq", _hstu_bwd_dq_kernel, meta.longest, meta.B * H, args, dict(common, DV=dv_dim))
     return dq, dk, dv, dpos, dtime
 
 
