@@ -19,7 +19,6 @@ or embed it (tests do)::
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import json
@@ -43,6 +42,7 @@ from grpc_reflection.v1alpha import reflection
 from data.splits import SeenItems
 from protos.genrec.v1 import recommender_pb2 as pb
 from protos.genrec.v1 import recommender_pb2_grpc as pb_grpc
+from serving import flags
 from serving.appended import AppendedEvents, AppendLimits
 from serving.artifact import Artifact, load_artifact
 from serving.batcher import BatcherConfig, DeadlineExpired, DynamicBatcher, QueueFull
@@ -575,67 +575,9 @@ def _write_ready_file(path: Path, ports: dict[str, object]) -> None:
 
 # --- command line --------------------------------------------------------------------------------
 def parse_args(argv: Sequence[str] | None = None) -> ServerConfig:
-    d = ServerConfig(artifact=Path("runs/latest/export"))
-    b = d.batcher
-    p = argparse.ArgumentParser(prog="python -m serving.server", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--artifact", type=Path, default=d.artifact, help="export directory")
-    p.add_argument("--host", default=d.host, help="address to bind (loopback by default)")
-    p.add_argument("--port", type=int, default=d.port, help="0 picks a free port")
-    p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port")
-    p.add_argument("--max-batch-size", type=int, default=b.max_batch_size)
-    p.add_argument("--max-queue-delay-ms", type=float, default=b.max_queue_delay_ms)
-    p.add_argument("--max-queue-size", type=int, default=b.max_queue_size)
-    p.add_argument("--grace-s", type=float, default=d.grace_s, help="shutdown grace period")
-    p.add_argument("--max-message-bytes", type=int, default=d.max_message_bytes)
-    p.add_argument("--max-request-bytes", type=int, default=d.max_request_bytes)
-    p.add_argument("--max-concurrent-rpcs", type=int, default=d.max_concurrent_rpcs,
-                   help="RPCs in progress at once; more are refused at arrival (RESOURCE_EXHAUSTED)")
-    p.add_argument("--keepalive-time-s", type=float, default=d.keepalive_time_s)
-    p.add_argument("--keepalive-timeout-s", type=float, default=d.keepalive_timeout_s)
-    p.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate chain (with --tls-key)")
-    p.add_argument("--tls-key", type=Path, default=None, help="PEM private key (with --tls-cert)")
-    p.add_argument("--torch-threads", type=int, default=d.torch_threads)
-    p.add_argument("--device", default=d.device)
-    p.add_argument("--kv-cache-mb", type=float, default=d.kv_cache_mb, help="per-user KV cache; 0 disables it")
-    p.add_argument("--prefill-chunk-tokens", type=int, default=d.prefill_chunk_tokens)
-    p.add_argument("--cuda-graphs", action="store_true",
-                   help="replay decode steps and known users' one-event updates as CUDA graphs (CUDA only)")
-    p.add_argument("--no-append-events", dest="append_events", action="store_false",
-                   help="refuse AppendEvents (UNIMPLEMENTED): for a port that callers who may not write users' "
-                        "histories can reach")
-    p.add_argument("--max-appended-users", type=int, default=d.max_appended_users,
-                   help="users whose appended events are kept (least recently used dropped first)")
-    p.add_argument("--max-appended-events", type=int, default=d.max_appended_events,
-                   help="appended events kept per user (the most recent)")
-    p.add_argument("--appended-events", default=None,
-                   help="SQLite file that AppendEvents writes through (default: appended-events.sqlite beside the "
-                        "export's folder; ':memory:' forgets them at exit)")
-    p.add_argument("--ready-file", type=Path, default=None,
-                   help='once SERVING, write {"host", "port", "metrics_port"} here as JSON (atomically)')
-    p.add_argument("--max-id-chars", type=int, default=d.max_id_chars, help="longest user_id accepted")
-    p.add_argument("--exclude-seen", choices=[r.value for r in SeenItems], default=None,
-                   help="never recommend the user's whole history or only the model's window (default: the "
-                        "export's rule, the run's data.exclude_seen)")
-    p.add_argument("--max-generations", type=int, default=d.max_generations,
-                   help="Generate streams at once (a beam search counts as its beam_width); more are refused")
-    p.add_argument("--max-generate-items", type=int, default=d.max_generate_items, help="most num_items of a Generate")
-    p.add_argument("--max-beam-work", type=int, default=d.max_beam_work,
-                   help="most beam_width x num_items of a beam search")
-    a = p.parse_args(argv)
-    return ServerConfig(
-        artifact=a.artifact, host=a.host, port=a.port, metrics_port=a.metrics_port,
-        batcher=BatcherConfig(a.max_batch_size, a.max_queue_delay_ms, a.max_queue_size),
-        grace_s=a.grace_s, max_message_bytes=a.max_message_bytes, max_request_bytes=a.max_request_bytes,
-        max_concurrent_rpcs=a.max_concurrent_rpcs,
-        keepalive_time_s=a.keepalive_time_s, keepalive_timeout_s=a.keepalive_timeout_s,
-        tls_cert=a.tls_cert, tls_key=a.tls_key, torch_threads=a.torch_threads, device=a.device,
-        kv_cache_mb=a.kv_cache_mb, prefill_chunk_tokens=a.prefill_chunk_tokens, cuda_graphs=a.cuda_graphs,
-        max_id_chars=a.max_id_chars, max_generations=a.max_generations, max_generate_items=a.max_generate_items,
-        max_beam_work=a.max_beam_work, append_events=a.append_events, max_appended_users=a.max_appended_users,
-        max_appended_events=a.max_appended_events, appended_events=a.appended_events, ready_file=a.ready_file,
-        exclude_seen=None if a.exclude_seen is None else SeenItems(a.exclude_seen),
-    )
+    """The flags are ``ServerConfig``'s fields (and ``BatcherConfig``'s), generated by ``serving.flags``."""
+    return flags.parse(ServerConfig, argv, defaults=ServerConfig(artifact=Path("runs/latest/export")),
+                       prog="python -m serving.server", description=__doc__.split("\n\n")[0])
 
 
 async def serve(config: ServerConfig) -> None:

@@ -17,6 +17,7 @@ MODULES = [
     *(f"data.{name}" for name in ("batch", "interactions", "loader", "sequences", "splits", "synthetic")),
     *(f"training.{name}" for name in ("analysis", "config", "optimizers")),
     "serving.appended",
+    "serving.flags",
     "serving.work",
 ]
 
