@@ -188,22 +188,39 @@ class Rejected(Exception):
         self.message = message
 
 
-class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
-    """The RPC handlers: validate, submit to the batcher, turn dense ids back into raw ones."""
+@dataclass(frozen=True)
+class Loaded:
+    """What the RPC handlers use once the model is up (``RecommenderServer._load`` sets it, once).
 
-    def __init__(self, metrics: Metrics):
+    Attributes:
+        catalogue: raw ids, titles and the known users' histories.
+        batcher: the queue in front of the engine's model thread.
+        limits: bounds on one request, the sequence limit the model's.
+        version: the export's model version, sent with every answer.
+        use_cache: Recommend through Prefill + Score work items (a KV cache is on).
+        use_prefix_states: the model keeps prefix states (HSTU): Generate works.
+        device: the engine's: where Generate's sampling noise is drawn.
+        prefill_chunk: most history tokens a Prefill computes in one model step.
+    """
+
+    catalogue: Catalogue
+    batcher: DynamicBatcher[Work, object]
+    limits: RequestLimits
+    version: str
+    use_cache: bool
+    use_prefix_states: bool
+    device: torch.device
+    prefill_chunk: int
+
+
+class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
+    """The RPC handlers: validate, submit to the batcher, turn dense ids back into raw ones. Until the
+    model is loaded (``loaded`` is None) every RPC gets UNAVAILABLE."""
+
+    def __init__(self, metrics: Metrics, *, append_events: bool = True, max_generations: int = 32):
         self.metrics = metrics
-        # Set once the model is loaded (``RecommenderServer._load``); until then RPCs get UNAVAILABLE.
-        self.catalogue: Catalogue | None = None
-        self.batcher: DynamicBatcher[Work, object] | None = None
-        self.limits: RequestLimits | None = None
-        self.version = ""
-        self.use_cache = False  # Recommend through Prefill + Score work items
-        self.use_prefix_states = False  # the model can keep prefix states (HSTU): Generate works
-        self.device = torch.device("cpu")  # the engine's: where Generate's sampling noise is drawn
-        self.prefill_chunk = 64
-        self.append_events = True
-        self.max_generations = 32
+        self.append_events, self.max_generations = append_events, max_generations
+        self.loaded: Loaded | None = None
         self.generations = 0  # generation slots held by Generate streams in progress
         self.in_flight = 0
         self.idle = asyncio.Event()
@@ -228,10 +245,10 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
         async with self._track("AppendEvents", context, request):
             if not self.append_events:
                 raise Rejected(grpc.StatusCode.UNIMPLEMENTED, "AppendEvents is disabled on this server")
-            catalogue, limits = self._ready()
+            m = self._ready()
             with _rejecting():
-                items, stamps = parse_append(request, catalogue, limits)
-            length = catalogue.append_events(request.user_id, items, stamps)
+                items, stamps = parse_append(request, m.catalogue, m.limits)
+            length = m.catalogue.append_events(request.user_id, items, stamps)
             return pb.AppendEventsResponse(history_length=length)
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
@@ -245,7 +262,7 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
     async def SearchItems(self, request: pb.SearchItemsRequest, context: grpc.aio.ServicerContext
                           ) -> pb.SearchItemsResponse:
         async with self._track("SearchItems", context, request):
-            catalogue, _ = self._ready()
+            catalogue = self._ready().catalogue
             with _rejecting():
                 text, limit = parse_search(request)
             # A scan of the whole catalogue: on a thread, so a large one does not hold up the event loop.
@@ -255,12 +272,13 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
 
     async def _generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
                         ) -> AsyncIterator[pb.GeneratedItem]:
-        catalogue, limits = self._ready()
+        m = self._ready()
+        catalogue = m.catalogue
         with _rejecting():
-            self.batcher.admit(context.time_remaining())
-            gen = parse_generate(request, catalogue, limits)
+            m.batcher.admit(context.time_remaining())
+            gen = parse_generate(request, catalogue, m.limits)
         q = gen.query
-        if not self.use_prefix_states:
+        if not m.use_prefix_states:
             raise Rejected(grpc.StatusCode.UNIMPLEMENTED, "Generate needs an HSTU model; this one is not")
         state = await self._prefill(request.context.user_id or None, q, context)
         banned, stamp = q.exclude, int(q.timestamps[-1])
@@ -270,10 +288,10 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
                 beams = await self._submit(BeamStep(beams, banned, gen.beam_width, stamp), context, follow_up=True)
             for step, (item_id, score) in enumerate(zip(beams[0].items, beams[0].scores, strict=True)):
                 item = pb.ScoredItem(item_id=catalogue.raw_ids[item_id], score=score, title=catalogue.titles[item_id])
-                yield pb.GeneratedItem(item=item, step=step, model_version=self.version)
+                yield pb.GeneratedItem(item=item, step=step, model_version=m.version)
             return
         # On the engine's device: the sampler draws its noise there, next to the scores.
-        generator = torch.Generator(self.device).manual_seed(gen.seed) if gen.temperature > 0 else None
+        generator = torch.Generator(m.device).manual_seed(gen.seed) if gen.temperature > 0 else None
         for step in range(gen.num_items):
             # One work item per step: other requests and generations share each model step.
             chosen = await self._submit(Decode(state, banned, gen.temperature, stamp, generator), context,
@@ -281,7 +299,7 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
             banned, state = np.append(banned, chosen.item), chosen.state
             item = pb.ScoredItem(item_id=catalogue.raw_ids[chosen.item], score=chosen.score,
                                  title=catalogue.titles[chosen.item])
-            yield pb.GeneratedItem(item=item, step=step, model_version=self.version)
+            yield pb.GeneratedItem(item=item, step=step, model_version=m.version)
 
     # --- shared steps -------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -300,18 +318,18 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
         finally:
             self.generations -= n
 
-    def _ready(self) -> tuple[Catalogue, RequestLimits]:
-        if self.batcher is None or self.catalogue is None or self.limits is None:
+    def _ready(self) -> Loaded:
+        if self.loaded is None:
             raise Rejected(grpc.StatusCode.UNAVAILABLE, "the model is still loading")
-        return self.catalogue, self.limits
+        return self.loaded
 
     async def _recommend(self, request: pb.RecommendRequest, context: grpc.aio.ServicerContext
                          ) -> tuple[Recommendation, Query]:
-        catalogue, limits = self._ready()
+        m = self._ready()
         with _rejecting():
-            self.batcher.admit(context.time_remaining())  # shed load before spending time on validation
-            query = parse_request(request, catalogue, limits)
-        if not self.use_cache:
+            m.batcher.admit(context.time_remaining())  # shed load before spending time on validation
+            query = parse_request(request, m.catalogue, m.limits)
+        if not m.use_cache:
             return await self._submit(query, context), query
         state = await self._prefill(request.user_id or None, query, context)
         return await self._submit(Score(state, query), context, follow_up=True), query
@@ -319,23 +337,22 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
     async def _prefill(self, key: str | None, query: Query, context: grpc.aio.ServicerContext):
         """The user's prefix state for ``query``'s history: cached keys/values plus the new events, in
         chunks of ``prefill_chunk`` tokens, one model step each (chained inside the batcher)."""
-        done = await self._submit(Prefill(key, query.items, query.timestamps, self.prefill_chunk, chain=True),
-                                  context)
+        chunk = self._ready().prefill_chunk
+        done = await self._submit(Prefill(key, query.items, query.timestamps, chunk, chain=True), context)
         return done.state
 
     async def _submit(self, work: Work, context: grpc.aio.ServicerContext, follow_up: bool = False):
-        assert self.batcher is not None
         with _rejecting():
-            return await self.batcher.submit(work, context.time_remaining(), follow_up=follow_up)
+            return await self._ready().batcher.submit(work, context.time_remaining(), follow_up=follow_up)
 
     def _response(self, rec: Recommendation, start: int, end: int) -> pb.RecommendResponse:
-        assert self.catalogue is not None
-        raw, titles = self.catalogue.raw_ids, self.catalogue.titles
+        m = self._ready()
+        raw, titles = m.catalogue.raw_ids, m.catalogue.titles
         items = [
             pb.ScoredItem(item_id=raw[i], score=s, title=titles[i])
             for i, s in zip(rec.items[start:end].tolist(), rec.scores[start:end].tolist(), strict=True)
         ]
-        return pb.RecommendResponse(items=items, model_version=self.version, offset=start,
+        return pb.RecommendResponse(items=items, model_version=m.version, offset=start,
                                     history_length=rec.history_length)
 
     @contextlib.asynccontextmanager
@@ -445,7 +462,8 @@ class RecommenderServer:
         self.port = 0
         self.metrics_port: int | None = None
         self.closed = asyncio.Event()
-        self._servicer = RecommenderServicer(self.metrics)
+        self._servicer = RecommenderServicer(self.metrics, append_events=config.append_events,
+                                             max_generations=config.max_generations)
         self._health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
         self._shutting_down = False
@@ -494,7 +512,7 @@ class RecommenderServer:
             raise
         if not self._shutting_down:
             await self._set_health(health_pb2.HealthCheckResponse.SERVING)
-            log.info("SERVING model %s (%d items); metrics port %s", self._servicer.version,
+            log.info("SERVING model %s (%d items); metrics port %s", self.engine.version if self.engine else "",
                      self.engine.num_items if self.engine else 0, self.metrics_port)
             if cfg.ready_file is not None:
                 _write_ready_file(cfg.ready_file, {"host": cfg.host, "port": self.port,
@@ -516,15 +534,11 @@ class RecommenderServer:
         self.engine, catalogue = await asyncio.to_thread(load)
         batcher: DynamicBatcher[Work, object] = DynamicBatcher(self._compute, cfg.batcher, self.metrics)
         await batcher.start()
-        s = self._servicer
-        s.catalogue, s.batcher, s.version = catalogue, batcher, self.engine.version
-        s.use_cache, s.prefill_chunk = self.engine.cache is not None, cfg.prefill_chunk_tokens
-        s.use_prefix_states, s.device = self.engine.incremental, self.engine.device
-        s.max_generations, s.append_events = cfg.max_generations, cfg.append_events
-        s.limits = RequestLimits(max_seq_len=self.engine.max_seq_len, max_request_bytes=cfg.max_request_bytes,
-                                 max_id_chars=cfg.max_id_chars, max_generate_items=cfg.max_generate_items,
-                                 max_beam_work=cfg.max_beam_work,
-                                 exclude_seen=cfg.exclude_seen or catalogue.exclude_seen)
+        limits = RequestLimits(max_seq_len=self.engine.max_seq_len, max_request_bytes=cfg.max_request_bytes,
+                               max_id_chars=cfg.max_id_chars, max_generate_items=cfg.max_generate_items,
+                               max_beam_work=cfg.max_beam_work, exclude_seen=cfg.exclude_seen or catalogue.exclude_seen)
+        self._servicer.loaded = Loaded(catalogue, batcher, limits, self.engine.version, self.engine.cache is not None,
+                                       self.engine.incremental, self.engine.device, cfg.prefill_chunk_tokens)
 
     def _compute(self, queries: Sequence[Work]) -> list:
         # Looked up per call, so a test can wrap ``server.engine.compute``.
@@ -554,8 +568,8 @@ class RecommenderServer:
                 log.warning("grace period over with %d RPCs in flight; cancelling them", self._servicer.in_flight)
             await self._server.stop(None)
             await stopping
-        if self._servicer.batcher is not None:
-            await self._servicer.batcher.close()
+        if self._servicer.loaded is not None:
+            await self._servicer.loaded.batcher.close()
         self.metrics.stop_http()
         log.info("stopped")
         self.closed.set()
