@@ -175,10 +175,16 @@ def hstu_attention_cached_dense(
     new_k, new_v = (lay.pad(_fp32(t)).transpose(1, 2) for t in (k, v))
     if alpha != 1.0:
         queries = alpha * queries
-    scores = queries @ new_k.transpose(-1, -2)
-    if rab is not None:
-        scores = scores + lay.new_bias(rab)[:, None]
-    av = (F.silu(scores) * lay.new_allowed) @ new_v
+    if lay.one_each:  # one new token per sequence (decode, candidates): it sees itself, gap 0, position 0
+        scores = (queries * new_k).sum(-1, keepdim=True)  # [B, H, 1, 1]
+        if rab is not None:
+            scores = scores + (rab.pos_weights[max_seq_len - 1] + rab.time_weights[0]).float()
+        av = F.silu(scores) * new_v
+    else:
+        scores = queries @ new_k.transpose(-1, -2)
+        if rab is not None:
+            scores = scores + lay.new_bias(rab)[:, None]
+        av = (F.silu(scores) * lay.new_allowed) @ new_v
     if p:
         cached_k, cached_v = (_fp32(lay.gather(t)).transpose(1, 2) for t in (prefix.keys, prefix.values))
         scores = queries @ cached_k.transpose(-1, -2)
@@ -203,13 +209,15 @@ class _Layout:
         # B sequences of exactly M new tokens each (one state extended, a decode step, candidates): the
         # padded view is a reshape. Known on the host: L = B x M and no sequence has more than M.
         self.uniform = total == batch * m
+        self.one_each = self.uniform and m == 1
         if not self.uniform:
             self.rows = (jagged.sequence_index(seq_offsets, total), jagged.positions(seq_offsets, total))
         new_lengths = seq_offsets.diff()[:, None, None]
         i = torch.arange(m, device=device)[None, :, None]  # new token i of its sequence
         j = torch.arange(m, device=device)[None, None, :]  # new key j
         rows_ok = i < new_lengths
-        self.new_allowed = ((j <= i) & rows_ok)[:, None]  # [B, 1, M, M]; j <= i < length: j inside too
+        if not self.one_each:
+            self.new_allowed = ((j <= i) & rows_ok)[:, None]  # [B, 1, M, M]; j <= i < length: j inside too
         steps = torch.arange(p, device=device)
         cached_ok = steps < prefix.lengths[:, None]  # [B, P]
         self.cached_rows = torch.where(cached_ok, prefix.starts[:, None] + steps, 0)  # past a prefix: masked
@@ -217,10 +225,12 @@ class _Layout:
         if rab is not None:
             n = prefix.lengths[:, None, None]
             # Relative positions key - query + max_seq_len - 1: new keys (n + j) - (n + i), cached j - (n + i).
-            self.new_relative = (j - i + max_seq_len - 1).clamp(0, 2 * max_seq_len - 2).expand(batch, m, m)
+            if not self.one_each:
+                self.new_relative = (j - i + max_seq_len - 1).clamp(0, 2 * max_seq_len - 2).expand(batch, m, m)
             self.cached_relative = (steps[None, None, :] - (n + i) + max_seq_len - 1).clamp(0, 2 * max_seq_len - 2)
             query_time = self.pad(rab.timestamps)[:, :, None]  # [B, M, 1]
-            self.new_buckets = rab.buckets(query_time, query_time.transpose(1, 2))
+            if not self.one_each:
+                self.new_buckets = rab.buckets(query_time, query_time.transpose(1, 2))
             self.cached_buckets = rab.buckets(query_time, self.gather(prefix.timestamps)[:, None, :])
 
     def new_bias(self, rab: RelativeBias) -> torch.Tensor:
