@@ -1,14 +1,14 @@
 """The export artifact: everything the server needs, loadable without TorchRec sharding.
 
-Layout of ``runs/<name>/export/`` (format 1)::
+Layout of ``runs/<name>/export/`` (format 2)::
 
-    config.json          {"format": 1, "num_items": N, "embedding_dim": d, "model": {ModelConfig fields},
+    config.json          {"format": 2, "num_items": N, "embedding_dim": d, "model": {ModelConfig fields},
                           "exclude_seen": "history" | "window"}  (the run's data.exclude_seen; "history" if absent)
     metadata.json        {"version": "...", "metrics": {...}, "created_at": "...", ...}
     encoder.pt           the encoder's state dict (dense weights), plain tensors
     item_embeddings.pt   [N + 1, d] float tensor, row 0 the padding row
     items.parquet        item_id (dense 1..N), raw_item (string), title (string or null)
-    users.parquet        user_id (raw, string), item_ids (list<string>, raw), timestamps (list<int64>)
+    histories/           the known users' histories, memory-mapped by the server (``serving.histories``)
 
 Tensors are written with ``torch.save`` and read with ``torch.load(weights_only=True)``, so loading
 an artifact runs no pickled code. The directory is written next to its destination and renamed into
@@ -45,14 +45,15 @@ import pyarrow.compute as pc
 import torch
 
 from data.splits import SeenItems
+from serving.histories import HistoryStore, UserHistories
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 CONFIG_FILE = "config.json"
 METADATA_FILE = "metadata.json"
 ENCODER_FILE = "encoder.pt"
 ITEM_EMBEDDINGS_FILE = "item_embeddings.pt"
 ITEMS_FILE = "items.parquet"
-USERS_FILE = "users.parquet"
+HISTORIES_DIR = "histories"
 
 ITEM_COLUMNS = ("item_id", "raw_item", "title")
 USER_COLUMNS = ("user_id", "item_ids", "timestamps")
@@ -67,7 +68,7 @@ class Artifact:
         encoder_state: the encoder's state dict.
         item_embeddings: [num_items + 1, d] float32, row 0 padding.
         items: one row per item: ``item_id`` (dense, 1..num_items, in order), ``raw_item``, ``title``.
-        users: one row per known user: ``user_id`` (raw), ``item_ids`` (raw, oldest first), ``timestamps``.
+        histories: the known users' histories (dense item ids), memory-mapped.
         metadata: at least ``version``; ``metrics`` and whatever training recorded.
         path: where it was loaded from (None when built in memory).
         exclude_seen: which of a user's items the run counted as seen (``data.splits.SeenItems``): the
@@ -78,7 +79,7 @@ class Artifact:
     encoder_state: dict[str, torch.Tensor]
     item_embeddings: torch.Tensor
     items: pd.DataFrame
-    users: pd.DataFrame
+    histories: HistoryStore
     metadata: dict[str, Any]
     path: Path | None = None
     exclude_seen: SeenItems = SeenItems.HISTORY
@@ -103,7 +104,7 @@ def save_artifact(
     encoder_state: Mapping[str, torch.Tensor],
     item_embeddings: torch.Tensor,
     items: pd.DataFrame,
-    users: pd.DataFrame,
+    users: pd.DataFrame | UserHistories,
     metadata: Mapping[str, Any],
     exclude_seen: SeenItems = SeenItems.HISTORY,
 ) -> Path:
@@ -115,7 +116,8 @@ def save_artifact(
         encoder_state: ``model.encoder.state_dict()``; tensors are detached and moved to the CPU.
         item_embeddings: [num_items + 1, d] float rows of the item table (row 0 padding).
         items: columns ``item_id`` (dense 1..num_items, each once), ``raw_item``, optional ``title``.
-        users: columns ``user_id``, ``item_ids`` (raw ids, oldest first), ``timestamps`` (seconds).
+        users: the known users' histories: ``UserHistories`` (dense item ids, as training holds them), or a
+            table with columns ``user_id``, ``item_ids`` (raw ids, oldest first), ``timestamps`` (seconds).
         metadata: must hold ``version`` (a non-empty string); ``metrics`` by convention.
         exclude_seen: the run's seen-items rule (``Artifact.exclude_seen``).
     """
@@ -131,7 +133,8 @@ def save_artifact(
     meta.setdefault("metrics", {})
     meta.setdefault("created_at", dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
     items_df = _check_items(items, table.shape[0] - 1)
-    users_df = _check_users(users, items_df["raw_item"])
+    histories = users if isinstance(users, UserHistories) else _check_users(users, items_df["raw_item"])
+    histories.check(table.shape[0] - 1)
     model_json = _to_json(model_config)
     if model_json.get("embedding_dim", table.shape[1]) != table.shape[1]:
         raise ValueError(f"item_embeddings has {table.shape[1]} columns but the model's embedding_dim is "
@@ -155,7 +158,7 @@ def save_artifact(
         torch.save(state, tmp / ENCODER_FILE)
         torch.save(table, tmp / ITEM_EMBEDDINGS_FILE)
         items_df.to_parquet(tmp / ITEMS_FILE, index=False)
-        users_df.to_parquet(tmp / USERS_FILE, index=False)
+        HistoryStore.write(tmp / HISTORIES_DIR, histories)
         _replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -183,7 +186,7 @@ def load_artifact(path: str | Path) -> Artifact:
         encoder_state=torch.load(path / ENCODER_FILE, weights_only=True, map_location="cpu"),
         item_embeddings=table,
         items=items,
-        users=pd.read_parquet(path / USERS_FILE),
+        histories=HistoryStore.open(path / HISTORIES_DIR),
         metadata=json.loads((path / METADATA_FILE).read_text()),
         path=path,
         exclude_seen=SeenItems(config.get("exclude_seen", SeenItems.HISTORY)),
@@ -208,9 +211,9 @@ def _check_items(items: pd.DataFrame, num_items: int) -> pd.DataFrame:
     return df.astype({"title": "string"})
 
 
-def _check_users(users: pd.DataFrame, raw_items: pd.Series) -> pd.DataFrame:
-    """The users table as written: raw ids as strings, histories as Arrow lists, checked in bulk
-    (one pass of Arrow compute over all events, not a Python loop over them)."""
+def _check_users(users: pd.DataFrame, raw_items: pd.Series) -> UserHistories:
+    """A users table of raw ids as ``UserHistories`` of dense ones, checked in bulk (one pass of Arrow
+    compute over all events, not a Python loop over them)."""
     missing = set(USER_COLUMNS) - set(users.columns)
     if missing:
         raise ValueError(f"users table lacks columns {sorted(missing)}")
@@ -223,15 +226,16 @@ def _check_users(users: pd.DataFrame, raw_items: pd.Series) -> pd.DataFrame:
     if uneven.size:
         row = int(uneven[0])
         raise ValueError(f"user {user_ids.iloc[row]!r}: {len(items[row])} items but {len(stamps[row])} timestamps")
-    known = pc.is_in(items.flatten(), value_set=pa.array(raw_items.to_numpy(), pa.string())).to_numpy(
-        zero_copy_only=False)
+    index = pc.index_in(items.flatten(), value_set=pa.array(raw_items.to_numpy(), pa.string()))
+    known = index.is_valid().to_numpy(zero_copy_only=False)
     if not known.all():
         event = int(np.argmin(known))
         row = int(np.searchsorted(items.offsets.to_numpy(), event, side="right") - 1)
         raise ValueError(f"user {user_ids.iloc[row]!r}: history item {items.flatten()[event].as_py()!r} is not in "
                          "the items table")
-    return pd.DataFrame({"user_id": user_ids.to_numpy(), "item_ids": pd.Series(items.to_pandas()),
-                         "timestamps": pd.Series(stamps.to_pandas())})
+    # raw_items is the items table sorted by item_id: position p is dense id p + 1.
+    return UserHistories(user_ids.to_numpy(dtype=str), items.offsets.to_numpy().astype(np.int64),
+                         index.to_numpy().astype(np.int64) + 1, stamps.flatten().to_numpy().astype(np.int64))
 
 
 def _lists(column: pd.Series, value_type: pa.DataType) -> pa.ListArray:

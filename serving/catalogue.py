@@ -1,7 +1,7 @@
 """Raw ↔ dense ids, item titles and the known users' histories of an export, as lookups.
 
-The wire speaks raw ids ("1193"); the model speaks dense rows (1..num_items, 0 padding). Every
-history is stored once, back to back in two arrays, so 6,000 users cost two arrays and a dict.
+The wire speaks raw ids ("1193"); the model speaks dense rows (1..num_items, 0 padding). The export's
+histories stay on disk, memory-mapped (``serving.histories``): no per-user object in the process.
 
 Example::
 
@@ -24,6 +24,7 @@ import pyarrow.compute as pc
 from data.splits import SeenItems
 from serving.appended import AppendedEvents
 from serving.artifact import Artifact
+from serving.histories import HistoryStore
 
 
 @dataclass(frozen=True)
@@ -40,8 +41,8 @@ class History:
 class Catalogue:
     """Lookups built once from the export's items and users tables."""
 
-    def __init__(self, items: pd.DataFrame, users: pd.DataFrame, appended: AppendedEvents | None = None,
-                 exclude_seen: SeenItems = SeenItems.HISTORY):
+    def __init__(self, items: pd.DataFrame, histories: HistoryStore | None = None,
+                 appended: AppendedEvents | None = None, exclude_seen: SeenItems = SeenItems.HISTORY):
         self.exclude_seen = SeenItems(exclude_seen)
         """The export's rule of what a user has seen (``Artifact.exclude_seen``)."""
         items = items.sort_values("item_id")
@@ -53,17 +54,17 @@ class Catalogue:
         self._dense = {raw: i for i, raw in enumerate(self.raw_ids) if i > 0}
         # Arrow copies for ``search``: its substring scan runs in C++, without the GIL.
         self._searchable = (pa.array(self.raw_ids[1:], pa.string()), pa.array(self.titles[1:], pa.string()))
-        self._users, self._history_items, self._history_ts, self._offsets = self._index_users(users)
+        self.histories = histories if histories is not None else HistoryStore.empty()
         self.appended = appended or AppendedEvents(":memory:")
         """AppendEvents' events (``serving.appended``): the server's live in a file beside the export."""
 
     @classmethod
     def from_artifact(cls, artifact: Artifact, appended: AppendedEvents | None = None) -> Catalogue:
-        return cls(artifact.items, artifact.users, appended, artifact.exclude_seen)
+        return cls(artifact.items, artifact.histories, appended, artifact.exclude_seen)
 
     @property
     def num_users(self) -> int:
-        return len(self._users)
+        return len(self.histories)
 
     def dense_id(self, raw_item: str) -> int:
         """The dense row of a raw item id, 0 when unknown."""
@@ -90,12 +91,11 @@ class Catalogue:
 
     def user_history(self, raw_user: str) -> History | None:
         """The history of a known user (the export's, then appended events), None for an unknown one."""
-        row = self._users.get(raw_user)
+        found = self.histories.get(raw_user)
         appended = self._appended_history(raw_user)
-        if row is None:
+        if found is None:
             return appended
-        start, end = self._offsets[row], self._offsets[row + 1]
-        stored = History(self._history_items[start:end], self._history_ts[start:end])
+        stored = History(found[0].astype(np.int64), found[1].astype(np.int64))
         if appended is None:
             return stored
         return History(np.concatenate([stored.items, appended.items]),
@@ -120,18 +120,3 @@ class Catalogue:
         dense = self.dense_ids(raw)
         known = dense > 0  # an id that a later export dropped
         return History(dense[known], stamps[known])
-
-    def _index_users(self, users: pd.DataFrame) -> tuple[dict[str, int], np.ndarray, np.ndarray, np.ndarray]:
-        """Flattens the list columns once and maps raw item ids to dense ones vectorised."""
-        if len(users) == 0:
-            empty = np.zeros(0, dtype=np.int64)
-            return {}, empty, empty, np.zeros(1, dtype=np.int64)
-        items = pa.array(users["item_ids"], type=pa.list_(pa.string()))
-        stamps = pa.array(users["timestamps"], type=pa.list_(pa.int64()))
-        lookup = pd.Index(self.raw_ids[1:])
-        dense = lookup.get_indexer(items.flatten().to_numpy(zero_copy_only=False)) + 1
-        if (dense == 0).any():
-            raise ValueError("the users table names items that the items table does not have")
-        offsets = items.offsets.to_numpy().astype(np.int64)
-        index = {str(u): i for i, u in enumerate(users["user_id"])}
-        return index, dense.astype(np.int64), stamps.flatten().to_numpy().astype(np.int64), offsets

@@ -16,6 +16,7 @@ from data.formats import Columns
 from data.prepare import NotPrepared, main, open_prepared
 from data.splits import Split, SplitKind, split_targets
 from data.synthetic import EventFileConfig, SyntheticConfig, write_event_file
+from serving.artifact import load_artifact
 from tests.launch import ROOT, torchrun
 from training.config import load_config
 
@@ -96,7 +97,14 @@ def test_the_example_trains_end_to_end(example: Path) -> None:
                    nproc=1, file=example.name)
     metrics = yaml.safe_load((run / "metrics.json").read_text())
     assert 0 <= metrics["test/hr@10"] <= 1
-    assert (run / "export" / "users.parquet").is_file()
+    # The export carries every prepared user's whole history, as the prepared arrays hold it.
+    dataset, histories = open_prepared(load_config(example).data.spec()), load_artifact(run / "export").histories
+    assert len(histories) == dataset.num_users
+    for user in (0, dataset.num_users - 1):
+        lo, hi = dataset.packed.offsets[user], dataset.packed.offsets[user + 1]
+        items, stamps = histories.get(str(dataset.raw_users.iloc[user]))
+        assert items.tolist() == dataset.packed.items[lo:hi].tolist()
+        assert stamps.tolist() == dataset.packed.timestamps[lo:hi].tolist()
 
 
 def test_bench_epoch_times_one_whole_epoch_and_a_sampled_validation(example: Path) -> None:

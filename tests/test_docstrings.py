@@ -18,6 +18,7 @@ MODULES = [
     *(f"training.{name}" for name in ("analysis", "config", "optimizers")),
     "serving.appended",
     "serving.flags",
+    "serving.histories",
     "serving.work",
 ]
 

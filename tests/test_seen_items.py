@@ -8,7 +8,6 @@ For the same history, the items that evaluation removes from a user's ranking an
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 
@@ -45,8 +44,7 @@ def evaluation_seen(dataset: PreparedDataset, rule: SeenItems) -> dict[int, set[
 def serving_seen(dataset: PreparedDataset, rule: SeenItems) -> dict[int, set[int]]:
     """Per dense user: the dense items the server excludes for a request carrying the same history."""
     items = dataset.items.sort_values("item_id")
-    catalogue = Catalogue(items[["item_id", "raw_item"]].assign(raw_item=items["raw_item"].astype(str)),
-                          pd.DataFrame({"user_id": [], "item_ids": [], "timestamps": []}))
+    catalogue = Catalogue(items[["item_id", "raw_item"]].assign(raw_item=items["raw_item"].astype(str)))
     raw = ["", *items["raw_item"].astype(str)]
     limits = RequestLimits(max_seq_len=MAX_LEN, exclude_seen=rule)
     packed = dataset.packed
@@ -77,7 +75,8 @@ def test_the_export_carries_the_rule_to_the_server(tmp_path) -> None:
         art = load_artifact(path)
         assert art.exclude_seen is SeenItems.HISTORY  # the default, and what older exports are read as
         save_artifact(path, model_config=art.model_config, encoder_state=art.encoder_state,
-                      item_embeddings=art.item_embeddings, items=art.items, users=art.users, metadata=art.metadata,
+                      item_embeddings=art.item_embeddings, items=art.items, users=art.histories.to_histories(),
+                      metadata=art.metadata,
                       exclude_seen=rule)
         assert Catalogue.from_artifact(load_artifact(path)).exclude_seen is rule
 

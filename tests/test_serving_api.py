@@ -49,8 +49,8 @@ def events(items, start=START_TIME):
 
 
 def stored_history(artifact, user: str) -> tuple[list[int], list[int]]:
-    row = artifact.users.set_index("user_id").loc[user]
-    return [dense(x) for x in row["item_ids"]], [int(t) for t in row["timestamps"]]
+    items, stamps = artifact.histories.get(user)
+    return items.tolist(), stamps.tolist()
 
 
 @torch.no_grad()

@@ -13,6 +13,7 @@ from benchmarks.random_export import make_random_artifact, raw_item_id
 from models.config import ModelConfig
 from serving.artifact import load_artifact, save_artifact
 from serving.catalogue import Catalogue
+from serving.histories import HistoryStore, UserHistories
 
 
 def small_tables(num_items: int = 4):
@@ -36,14 +37,16 @@ def test_round_trip(tmp_path):
     path = save_small(tmp_path / "export", item_embeddings=table)
     art = load_artifact(path)
     assert sorted(p.name for p in path.iterdir()) == sorted(
-        ["config.json", "metadata.json", "encoder.pt", "item_embeddings.pt", "items.parquet", "users.parquet"])
+        ["config.json", "metadata.json", "encoder.pt", "item_embeddings.pt", "items.parquet", "histories"])
     assert torch.equal(art.item_embeddings, table)
     assert torch.equal(art.encoder_state["w"], torch.ones(2, 3))
     assert art.version == "v1" and art.num_items == 4 and art.embedding_dim == 3
     assert art.metadata["metrics"] == {"ndcg@10": 0.25}
     assert ModelConfig(**art.model_config) == ModelConfig(embedding_dim=3)  # enums come back as values
     assert art.items["raw_item"].tolist() == ["m1", "m2", "m3", "m4"]
-    assert list(art.users["item_ids"][0]) == ["m1", "m3"]
+    items, stamps = art.histories.get("u1")  # memory-mapped, dense ids (m1 -> 1, m3 -> 3)
+    assert items.tolist() == [1, 3] and len(stamps) == 2 and art.histories.get("nobody") is None
+    assert len(art.histories) == 2
 
 
 def test_overwrite_is_atomic_and_leaves_no_temp_dirs(tmp_path):
@@ -118,3 +121,23 @@ def test_engine_refuses_a_model_it_cannot_serve(tmp_path):
     _, path = make_random_artifact(tmp_path / "export", num_items=10, num_users=2, config=config)
     with pytest.raises(NotImplementedError, match="rating_embeddings"):
         Engine(load_artifact(path))
+
+
+def test_history_store_finds_every_user_of_an_unsorted_input(tmp_path):
+    """The export's histories on disk (``serving.histories``): sorted by raw id for a binary search,
+    each user's events carried with it; unknown, empty and over-long ids are not found; duplicates refused."""
+    rng = np.random.default_rng(0)
+    n = 2000
+    ids = np.array([f"ü{u}" if u % 7 == 0 else str(u * 7919 % 100003) for u in range(n)])  # unique, unsorted
+    offsets = np.concatenate([[0], np.cumsum(rng.integers(0, 6, n))])
+    items, stamps = rng.integers(1, 50, offsets[-1]), rng.integers(0, 10**9, offsets[-1])
+    store = HistoryStore.write(tmp_path / "h", UserHistories(ids, offsets, items, stamps))
+    assert len(store) == n and isinstance(store.items, np.memmap)
+    for u in rng.choice(n, 300, replace=False):
+        got_items, got_stamps = store.get(str(ids[u]))
+        assert got_items.tolist() == items[offsets[u]:offsets[u + 1]].tolist()
+        assert got_stamps.tolist() == stamps[offsets[u]:offsets[u + 1]].tolist()
+    assert store.get("nobody") is None and store.get("") is None and store.get("9" * 500) is None
+    with pytest.raises(ValueError, match="'a' appears twice"):
+        HistoryStore.write(tmp_path / "dup", UserHistories(np.array(["a", "b", "a"]), np.arange(4), np.ones(3),
+                                                           np.zeros(3)))

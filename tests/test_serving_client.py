@@ -116,7 +116,7 @@ def test_search_puts_the_item_whose_id_is_the_query_first():
     """Numeric ids: "1" is a substring of many others, and the one it names comes first."""
     items = pd.DataFrame({"item_id": [1, 2, 3, 4], "raw_item": ["11", "21", "1", "7"],
                           "title": ["Eleven", "Twenty-one", "One", "Seven (1971)"]})
-    catalogue = Catalogue(items, pd.DataFrame({"user_id": [], "item_ids": [], "timestamps": []}))
+    catalogue = Catalogue(items)
     assert catalogue.search("1", 10) == ([3, 1, 2, 4], 4)
     assert catalogue.search("1", 2) == ([3, 1], 4)
     assert catalogue.search("SEVEN", 10) == ([4], 1)

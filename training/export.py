@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import torch
 
 from data.prepare import PreparedDataset
 from models.recommender import GenerativeRecommender
 from serving.artifact import save_artifact
+from serving.histories import UserHistories
 from training.config import TrainConfig, to_dict
 from training.distributed import DistContext
 
@@ -30,15 +30,10 @@ def export_run(
     table = torch.cat([torch.zeros(1, rows.shape[1]), rows])
     if not ctx.is_main:
         return
-    # The known users' histories, from the packed arrays (raw item ids by dense id: row i - 1).
+    # The known users' histories: the packed arrays as they are (dense ids, the same as the export's).
     packed = dataset.packed
-    raw_items = dataset.items.sort_values("item_id")["raw_item"].astype(str).to_numpy()
-    cuts = packed.offsets[1:-1]
-    users = pd.DataFrame({
-        "user_id": dataset.raw_users.astype(str).to_numpy(),
-        "item_ids": np.split(raw_items[np.asarray(packed.items) - 1], cuts),
-        "timestamps": np.split(np.asarray(packed.timestamps), cuts),
-    })
+    users = UserHistories(dataset.raw_users.astype(str).to_numpy(), np.asarray(packed.offsets),
+                          np.asarray(packed.items), np.asarray(packed.timestamps))
     items = dataset.items[["item_id", "raw_item"]].assign(raw_item=lambda f: f["raw_item"].astype(str))
     items["title"] = dataset.items.get("title")
     save_artifact(
