@@ -48,6 +48,7 @@ from serving.artifact import Artifact, load_artifact
 from serving.batcher import BatcherConfig, DeadlineExpired, DynamicBatcher, QueueFull
 from serving.catalogue import Catalogue
 from serving.engine import Engine
+from serving.index import IndexConfig, IndexKind
 from serving.metrics import Metrics
 from serving.validation import (
     InvalidRequest,
@@ -123,6 +124,9 @@ class ServerConfig:
             ":memory:" keeps them in this process only.
         ready_file: once SERVING, write ``{"host", "port", "metrics_port"}`` here as JSON, atomically, so a
             launcher that asked for port 0 learns the bound ports without parsing the log.
+        index: the item index of retrieval (``serving.index``): exact by default; IVF or HNSW propose a
+            FAISS shortlist that is re-scored exactly. Built before SERVING; its knobs are checked
+            against the export before the port opens.
     """
 
     artifact: Path
@@ -155,6 +159,7 @@ class ServerConfig:
     max_appended_events: int = AppendLimits.max_events
     appended_events: Path | str | None = None
     ready_file: Path | None = None
+    index: IndexConfig = field(default_factory=IndexConfig)
 
     def appended_events_path(self) -> Path | str:
         return self.appended_events or Path(self.artifact).resolve().parent / "appended-events.sqlite"
@@ -463,6 +468,7 @@ class RecommenderServer:
             raise ValueError(f"--max-generations ({cfg.max_generations}) must be below --max-concurrent-rpcs "
                              f"({cfg.max_concurrent_rpcs}), or Generate streams can hold every RPC slot")
         artifact = await asyncio.to_thread(load_artifact, cfg.artifact)  # reads files: off the event loop
+        cfg.index.check(artifact.num_items)  # a knob that cannot work fails here, before the port opens
         torch.set_num_threads(cfg.torch_threads)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         server = grpc.aio.server(options=cfg.grpc_options(), maximum_concurrent_rpcs=cfg.max_concurrent_rpcs)
@@ -507,7 +513,7 @@ class RecommenderServer:
 
         def load() -> tuple[Engine, Catalogue]:
             engine = Engine(artifact, cfg.device, kv_cache_bytes=int(cfg.kv_cache_mb * (1 << 20)),
-                            metrics=self.metrics, cuda_graphs=cfg.cuda_graphs)
+                            metrics=self.metrics, cuda_graphs=cfg.cuda_graphs, index=cfg.index)
             engine.warm_up(cfg.batcher.max_batch_size)
             appended = AppendedEvents(cfg.appended_events_path(),
                                       AppendLimits(cfg.max_appended_users, cfg.max_appended_events))
@@ -622,6 +628,19 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerConfig:
     p.add_argument("--max-generate-items", type=int, default=d.max_generate_items, help="most num_items of a Generate")
     p.add_argument("--max-beam-work", type=int, default=d.max_beam_work,
                    help="most beam_width x num_items of a beam search")
+    p.add_argument("--index", choices=[k.value for k in IndexKind], default=d.index.kind.value,
+                   help="item index of Recommend's retrieval: exact scores every item; ivf and hnsw (FAISS) propose "
+                        "a shortlist that is re-scored exactly (built at start; see the README)")
+    p.add_argument("--index-shortlist", type=int, default=None,
+                   help="ids an ivf/hnsw index proposes per request, plus its excluded items (default: "
+                        "max(4 x top_k, 256))")
+    p.add_argument("--index-nlist", type=int, default=None,
+                   help="ivf: k-means cells (default: the power of two nearest sqrt(items))")
+    p.add_argument("--index-nprobe", type=int, default=None, help="ivf: cells scanned per request (default: "
+                   "max(32, nlist / 16))")
+    p.add_argument("--hnsw-m", type=int, default=None, help="hnsw: neighbours per item (default 32)")
+    p.add_argument("--hnsw-ef-search", type=int, default=None, help="hnsw: search breadth (default 256)")
+    p.add_argument("--hnsw-ef-construction", type=int, default=None, help="hnsw: build breadth (default 80)")
     a = p.parse_args(argv)
     return ServerConfig(
         artifact=a.artifact, host=a.host, port=a.port, metrics_port=a.metrics_port,
@@ -635,6 +654,9 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerConfig:
         max_beam_work=a.max_beam_work, append_events=a.append_events, max_appended_users=a.max_appended_users,
         max_appended_events=a.max_appended_events, appended_events=a.appended_events, ready_file=a.ready_file,
         exclude_seen=None if a.exclude_seen is None else SeenItems(a.exclude_seen),
+        index=IndexConfig(IndexKind(a.index), shortlist=a.index_shortlist, nlist=a.index_nlist, nprobe=a.index_nprobe,
+                          hnsw_m=a.hnsw_m, hnsw_ef_search=a.hnsw_ef_search,
+                          hnsw_ef_construction=a.hnsw_ef_construction),
     )
 
 
