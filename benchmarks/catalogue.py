@@ -43,7 +43,7 @@ from serving.index import IndexConfig, IndexKind, ItemIndex, build_index
 
 RECALL_AT = 100
 BATCHES = (1, 32)
-CHUNK = 1 << 20
+CHUNK = 1 << 18  # rows generated at a time: small, so that the peak RSS is the index's, not the generator's
 
 
 @dataclass(frozen=True)
