@@ -31,7 +31,7 @@ ARGS   ?=
 NPROC  ?= 1
 
 .PHONY: help venv protos data data-synthetic train test test-slow test-all lint eval serve notebook \
-        bench-kernel bench-train bench-scale bench-serve bench-engine bench-data bench-eval bench-epoch bench-histories clean
+        bench-kernel bench-train bench-scale bench-serve bench-engine bench-data bench-eval bench-epoch bench-histories bench-catalogue clean
 
 help:
 	@echo "make train       prepare the dataset CONFIG names (ML-1M by default), train ($(CONFIG)), evaluate, export"
@@ -50,6 +50,7 @@ help:
 	@echo "make bench-epoch the first epoch and one validation pass at 100M events / 10M users / 10M items (GPU)"
 	@echo "make bench-histories  the export's memory-mapped history store at 10M users: write, open, lookups, RSS"
 	@echo "make bench-eval  ranking users against 10M items: item blocks vs the whole score matrix (ARGS=)"
+	@echo "make bench-catalogue  retrieval from 1M / 10M items: exact vs the ivf and hnsw indexes (ARGS=)"
 	@echo "make clean       caches and generated gRPC code (not .venv, datasets/ or runs/)"
 
 # --- environment -----------------------------------------------------------------------------
@@ -133,6 +134,9 @@ bench-eval: $(STAMP)
 
 bench-histories: $(STAMP)
 	$(PY) -m benchmarks.histories $(ARGS)
+
+bench-catalogue: $(STAMP) protos
+	$(PY) -m benchmarks.catalogue $(ARGS)
 
 # The 100M-event log is written once (1.1 GB, datasets/raw/) and prepared once (data.prepare's cache).
 EPOCH_CONFIG ?= configs/scale/events-100m.yaml

@@ -2,8 +2,10 @@
 
 The forward pass is ``models.recommender.encode_histories`` + ``score_items``, the functions the
 offline evaluation uses, on the exported (unnormalised) item rows, so served scores equal offline
-ones. Retrieval scores the whole catalogue with one matrix product and masks the padding row, the
-history and ``exclude`` before top-k; ranking mode reads the candidates' columns of the same scores.
+ones. Retrieval goes through the item index (``serving.index``): by default it scores the whole
+catalogue with one matrix product and masks the padding row, the history and ``exclude`` before
+top-k; an approximate index re-scores a FAISS shortlist exactly. Ranking mode scores the candidates
+alone.
 
 Example::
 
@@ -28,6 +30,7 @@ from models.embeddings import l2_normalize
 from models.incremental import PrefixState, append_decoded, extend, extend_candidates, extend_one_each
 from models.recommender import build_encoder, encode_histories, score_items
 from serving.artifact import Artifact
+from serving.index import IndexConfig, build_index
 from serving.kv_cache import KVCache
 from serving.work import (
     Beam,
@@ -72,11 +75,13 @@ class Engine:
 
     ``kv_cache_bytes`` > 0 keeps per-user keys/values (HSTU only) for ``Prefill`` work items.
     ``cuda_graphs`` replays decode steps, and one-event Prefills of cached users, as CUDA graphs
-    (``serving.cuda_graphs``; CUDA and HSTU only).
+    (``serving.cuda_graphs``; CUDA and HSTU only). ``index`` is the item index of retrieval
+    (``serving.index``; exact by default); Generate's sampling and beam search score the whole
+    catalogue whatever it is.
     """
 
     def __init__(self, artifact: Artifact, device: str | torch.device = "cpu", kv_cache_bytes: int = 0,
-                 metrics=None, cuda_graphs: bool = False):
+                 metrics=None, cuda_graphs: bool = False, index: IndexConfig | None = None):
         self.device = torch.device(device)
         self.config = ModelConfig(**artifact.model_config)
         if getattr(self.config, "rating_embeddings", False):
@@ -97,6 +102,9 @@ class Engine:
             self.graphs = DecodeGraphs(self.encoder, self.item_table)
         # Normalised once here rather than per batch: it is the right operand of every score.
         self.item_vectors = l2_normalize(self.item_table, self.config.l2_norm_eps)
+        # FAISS searches with as many threads as the model (--torch-threads): torch and FAISS each have
+        # an OpenMP runtime, whose idle threads spin; more of them than free cores cost 8-16 ms a request.
+        self.index = build_index(self.item_vectors, index or IndexConfig(), threads=torch.get_num_threads())
 
     @property
     def max_seq_len(self) -> int:
@@ -132,27 +140,22 @@ class Engine:
         return self._top_k(users, queries, lengths)
 
     def _top_k(self, users: torch.Tensor, queries: Sequence[Query], lengths: Sequence[int]) -> list[Recommendation]:
-        """Retrieval queries: one masked top-k over their rows and one copy to the host for the whole
-        batch (per-query calls cost a launch and a device->host sync each on GPU). Ranking queries:
-        their candidates' columns, one query at a time."""
-        scores = score_items(users, self.item_vectors)  # [B, num_items + 1], padding column -inf
+        """Retrieval queries: through the item index (``serving.index``: exact by default), all of the
+        batch's in one call. Ranking queries: their candidates' exact scores, one query at a time (the
+        index is never consulted: the candidates are the shortlist)."""
         out: list[Recommendation | None] = [None] * len(queries)
         retrieval = [b for b, q in enumerate(queries) if q.candidates is None]
         if retrieval:
-            rows = scores[retrieval]
-            excluded_rows = np.repeat(np.arange(len(retrieval)), [len(queries[b].exclude) for b in retrieval])
-            excluded = np.concatenate([queries[b].exclude for b in retrieval])
-            rows[torch.from_numpy(excluded_rows).to(self.device), torch.from_numpy(excluded).to(self.device)] = (
-                float("-inf"))
-            ks = [min(queries[b].top_k, self.num_items - len(queries[b].exclude)) for b in retrieval]
-            top = torch.topk(rows, max(ks), dim=1)
-            items, values = top.indices.cpu().numpy(), top.values.float().cpu().numpy()
-            for i, (b, k) in enumerate(zip(retrieval, ks, strict=True)):
-                out[b] = Recommendation(items[i, :k], values[i, :k], lengths[b])
+            rows = users if len(retrieval) == len(queries) else users[retrieval]
+            found = self.index.search(rows, [queries[b].top_k for b in retrieval],
+                                      [queries[b].exclude for b in retrieval])
+            for b, (items, values) in zip(retrieval, found, strict=True):
+                out[b] = Recommendation(items, values, lengths[b])
         for b, q in enumerate(queries):
             if q.candidates is not None:
                 candidates = torch.from_numpy(q.candidates).to(self.device)
-                top = torch.topk(scores[b][candidates], min(q.top_k, len(candidates)))
+                scores = self.item_vectors[candidates] @ users[b]  # the candidates' columns of score_items
+                top = torch.topk(scores, min(q.top_k, len(candidates)))
                 out[b] = Recommendation(candidates[top.indices].cpu().numpy(), top.values.float().cpu().numpy(),
                                         lengths[b])
         return out  # type: ignore[return-value]

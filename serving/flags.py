@@ -3,7 +3,8 @@ documented by the field itself (its entry in the class docstring's ``Attributes:
 written once. Nested dataclass fields (``ServerConfig.batcher``) contribute their own fields' flags.
 
 Types: int, float, str, Path, an Enum (its values as choices), ``X | None`` (default None), and bool
-(``--name`` when the default is False, ``--no-name`` when it is True).
+(``--name`` when the default is False, ``--no-name`` when it is True). A field may name its flag
+(``field(metadata={"flag": "index-nprobe"})``), e.g. to keep a nested config's flags apart.
 
 Example::
 
@@ -64,8 +65,12 @@ def _flag_type(hint: Any) -> tuple[Any, bool]:
     return hint, False
 
 
+def _dest(f: dataclasses.Field) -> str:
+    return f.metadata.get("flag", f.name).replace("-", "_")
+
+
 def _leaves(cls: type, defaults: Any) -> list[tuple[str, Any, Any, str]]:
-    """(name, type hint, default, help) of every flag of ``cls``, nested dataclasses' fields included."""
+    """(dest, type hint, default, help) of every flag of ``cls``, nested dataclasses' fields included."""
     hints, docs = typing.get_type_hints(cls), attribute_docs(cls)
     out = []
     for f in dataclasses.fields(cls):
@@ -75,7 +80,7 @@ def _leaves(cls: type, defaults: Any) -> list[tuple[str, Any, Any, str]]:
         else:
             # Its first sentence (the docstring has the rest); argparse formats help with %.
             text = re.split(r"(?<=\.)\s", docs.get(f.name, ""), maxsplit=1)[0]
-            out.append((f.name, hint, default, text.replace("%", "%%")))
+            out.append((_dest(f), hint, default, text.replace("%", "%%")))
     return out
 
 
@@ -108,7 +113,7 @@ def from_namespace(cls: type[T], namespace: argparse.Namespace) -> T:
         if dataclasses.is_dataclass(hint):
             values[f.name] = from_namespace(hint, namespace)
             continue
-        value = getattr(namespace, f.name)
+        value = getattr(namespace, _dest(f))
         kind, _ = _flag_type(hint)
         if value is not None and isinstance(kind, type) and issubclass(kind, enum.Enum):
             value = kind(value)

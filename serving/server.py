@@ -48,6 +48,7 @@ from serving.artifact import Artifact, load_artifact
 from serving.batcher import BatcherConfig, DeadlineExpired, DynamicBatcher, QueueFull
 from serving.catalogue import Catalogue
 from serving.engine import Engine
+from serving.index import IndexConfig
 from serving.metrics import Metrics
 from serving.validation import (
     InvalidRequest,
@@ -123,6 +124,9 @@ class ServerConfig:
             ":memory:" keeps them in this process only.
         ready_file: once SERVING, write ``{"host", "port", "metrics_port"}`` here as JSON, atomically, so a
             launcher that asked for port 0 learns the bound ports without parsing the log.
+        index: the item index of retrieval (``serving.index``): exact by default; IVF or HNSW propose a
+            FAISS shortlist that is re-scored exactly. Built before SERVING; its knobs are checked
+            against the export before the port opens.
     """
 
     artifact: Path
@@ -155,6 +159,7 @@ class ServerConfig:
     max_appended_events: int = AppendLimits.max_events
     appended_events: Path | str | None = None
     ready_file: Path | None = None
+    index: IndexConfig = field(default_factory=IndexConfig)
 
     def appended_events_path(self) -> Path | str:
         return self.appended_events or Path(self.artifact).resolve().parent / "appended-events.sqlite"
@@ -481,6 +486,7 @@ class RecommenderServer:
             raise ValueError(f"--max-generations ({cfg.max_generations}) must be below --max-concurrent-rpcs "
                              f"({cfg.max_concurrent_rpcs}), or Generate streams can hold every RPC slot")
         artifact = await asyncio.to_thread(load_artifact, cfg.artifact)  # reads files: off the event loop
+        cfg.index.check(artifact.num_items)  # a knob that cannot work fails here, before the port opens
         torch.set_num_threads(cfg.torch_threads)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         server = grpc.aio.server(options=cfg.grpc_options(), maximum_concurrent_rpcs=cfg.max_concurrent_rpcs)
@@ -525,7 +531,7 @@ class RecommenderServer:
 
         def load() -> tuple[Engine, Catalogue]:
             engine = Engine(artifact, cfg.device, kv_cache_bytes=int(cfg.kv_cache_mb * (1 << 20)),
-                            metrics=self.metrics, cuda_graphs=cfg.cuda_graphs)
+                            metrics=self.metrics, cuda_graphs=cfg.cuda_graphs, index=cfg.index)
             engine.warm_up(cfg.batcher.max_batch_size)
             appended = AppendedEvents(cfg.appended_events_path(),
                                       AppendLimits(cfg.max_appended_users, cfg.max_appended_events))

@@ -1,5 +1,5 @@
 """The docstring examples run as written: models/, models/ops, data/, training's config, analysis and
-optimizers, serving's work types and appended events. (serving/'s other examples need a trained
+optimizers, serving's work types, appended events and item index. (serving/'s other examples need a trained
 export or a running server: they are read, not run.)"""
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ MODULES = [
     "serving.appended",
     "serving.flags",
     "serving.histories",
+    "serving.index",
     "serving.work",
 ]
 
