@@ -12,13 +12,16 @@ import pytest
 from data.splits import SeenItems
 from serving import flags
 from serving.batcher import BatcherConfig
+from serving.index import IndexConfig, IndexKind
 from serving.server import ServerConfig, parse_args
 
 
 def _fields(cls: type) -> list[str]:
+    """Every leaf field's flag destination (its name, or the flag it names, with _ for -)."""
     hints = typing.get_type_hints(cls)
     return [n for f in dataclasses.fields(cls)
-            for n in (_fields(hints[f.name]) if dataclasses.is_dataclass(hints[f.name]) else [f.name])]
+            for n in (_fields(hints[f.name]) if dataclasses.is_dataclass(hints[f.name])
+                      else [f.metadata.get("flag", f.name).replace("-", "_")])]
 
 
 def test_every_field_is_a_documented_flag() -> None:
@@ -42,6 +45,11 @@ def test_flags_parse_into_the_config() -> None:
     assert config.append_events is False and config.cuda_graphs is True
     assert config.exclude_seen is SeenItems.WINDOW
     assert config.appended_events == ":memory:" and config.tls_cert == Path("c.pem")
+
+
+def test_a_nested_config_names_its_own_flags() -> None:
+    config = parse_args(["--index", "ivf", "--index-nprobe", "64", "--hnsw-m", "16"])
+    assert config.index == IndexConfig(IndexKind.IVF, nprobe=64, hnsw_m=16)
 
 
 def test_a_bad_value_is_refused_by_the_parser(capsys) -> None:
