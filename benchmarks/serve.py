@@ -77,7 +77,9 @@ measures those instead of the server's throughput."""
 def realistic_artifact(history_len: int, num_items: int = 3706, num_users: int = 6040) -> Path:
     """ML-1M-sized random export (cached): every user has ``history_len`` events."""
     path = CACHE / f"export-{num_items}x50-h{history_len}-u{num_users}"
-    if not (path / "config.json").exists():
+    config = path / "config.json"
+    # Written again when missing or of an older export format.
+    if not config.exists() or json.loads(config.read_text()).get("format") != _export_format():
         # torch imports only when an export must be built
         from benchmarks.random_export import make_random_artifact
         from models.config import ModelConfig
@@ -86,6 +88,12 @@ def realistic_artifact(history_len: int, num_items: int = 3706, num_users: int =
         make_random_artifact(path, num_items=num_items, num_users=num_users, config=ModelConfig(),
                              history_len=(history_len, history_len))
     return path
+
+
+def _export_format() -> int:
+    from serving.artifact import FORMAT_VERSION
+
+    return FORMAT_VERSION
 
 
 # --- the server process --------------------------------------------------------------------------

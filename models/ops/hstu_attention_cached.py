@@ -190,7 +190,8 @@ def hstu_attention_cached_dense(
         scores = queries @ cached_k.transpose(-1, -2)
         if rab is not None:
             scores = scores + lay.cached_bias(rab)[:, None]
-        av = av + (F.silu(scores) * lay.cached_allowed) @ cached_v
+        weights = F.silu(scores)
+        av = av + (weights if lay.whole_prefix else weights * lay.cached_allowed) @ cached_v
     out = lay.unpad((av / max_seq_len).transpose(1, 2))  # [L, H, dv]
     return out if out.dtype == q.dtype else out.to(q.dtype)
 
@@ -219,9 +220,18 @@ class _Layout:
         if not self.one_each:
             self.new_allowed = ((j <= i) & rows_ok)[:, None]  # [B, 1, M, M]; j <= i < length: j inside too
         steps = torch.arange(p, device=device)
-        cached_ok = steps < prefix.lengths[:, None]  # [B, P]
-        self.cached_rows = torch.where(cached_ok, prefix.starts[:, None] + steps, 0)  # past a prefix: masked
-        self.cached_allowed = (cached_ok[:, None, :] & rows_ok)[:, None]  # [B, 1, M, P]
+        # One sequence on a CPU (a user's new events): reading its start and length costs nothing there,
+        # and with them its prefix is a slice, every key visible.
+        self.contiguous = None
+        if batch == 1 and self.uniform and device.type == "cpu":
+            start, length = int(prefix.starts[0]), int(prefix.lengths[0])
+            if length == p:
+                self.contiguous = slice(start, start + p)
+        self.whole_prefix = self.contiguous is not None
+        if not self.whole_prefix:
+            cached_ok = steps < prefix.lengths[:, None]  # [B, P]
+            self.cached_rows = torch.where(cached_ok, prefix.starts[:, None] + steps, 0)  # past a prefix: masked
+            self.cached_allowed = (cached_ok[:, None, :] & rows_ok)[:, None]  # [B, 1, M, P]
         if rab is not None:
             n = prefix.lengths[:, None, None]
             # Relative positions key - query + max_seq_len - 1: new keys (n + j) - (n + i), cached j - (n + i).
@@ -244,6 +254,10 @@ class _Layout:
     def gather(self, cache: torch.Tensor) -> torch.Tensor:
         """[P_all, ...] cached rows -> [B, P, ...] each sequence's prefix (index_select: on a CPU several
         times faster than advanced indexing)."""
+        if self.contiguous is not None:
+            view = cache[self.contiguous][None]
+            # A view of a cache made under inference_mode cannot enter a graph autograd records.
+            return view.clone() if torch.is_grad_enabled() else view
         rows = self.cached_rows
         return cache.index_select(0, rows.flatten()).view(*rows.shape, *cache.shape[1:])
 
