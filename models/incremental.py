@@ -26,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from models.hstu import HSTU, Prefix
 
@@ -68,10 +69,6 @@ class PrefixState:
                            tuple(torch.cat([c, v]) for c, v in zip(self.values, values, strict=True)), user.clone())
 
 
-def _offsets(lengths: list[int], device: torch.device) -> torch.Tensor:
-    return torch.tensor([0, *lengths], device=device).cumsum(0)
-
-
 def _prefix(encoder: HSTU, states: list[PrefixState], device: torch.device) -> Prefix:
     """B states' caches back to back (one state's as they are)."""
     lengths = [s.length for s in states]
@@ -79,11 +76,17 @@ def _prefix(encoder: HSTU, states: list[PrefixState], device: torch.device) -> P
         s = states[0]
         zero = torch.zeros(1, dtype=torch.int64, device=device)
         return Prefix(s.keys, s.values, s.timestamps, zero, zero + s.length, max_length=s.length)
-    starts = _offsets(lengths, device)[:-1]
-    keys = tuple(torch.cat([s.keys[i] for s in states]) for i in range(len(encoder.blocks)))
-    values = tuple(torch.cat([s.values[i] for s in states]) for i in range(len(encoder.blocks)))
-    return Prefix(keys, values, torch.cat([s.timestamps for s in states]), starts,
-                  torch.tensor(lengths, device=device), max_length=max(lengths))
+    # Padded to the longest, state b at rows b x P: one op per tensor, and a view as [B, P, ...] later.
+    longest = max(lengths)
+
+    def padded(tensors: list[torch.Tensor]) -> torch.Tensor:
+        return pad_sequence(tensors, batch_first=True).flatten(0, 1)
+
+    keys = tuple(padded([s.keys[i] for s in states]) for i in range(len(encoder.blocks)))
+    values = tuple(padded([s.values[i] for s in states]) for i in range(len(encoder.blocks)))
+    starts = torch.arange(len(states), device=device) * longest
+    return Prefix(keys, values, padded([s.timestamps for s in states]), starts, torch.tensor(lengths, device=device),
+                  max_length=longest)
 
 
 def _for_inference(encoder: HSTU, what: str) -> None:

@@ -168,6 +168,14 @@ def hstu_attention_cached_dense(
     key = (total, m, p, max_seq_len, None if rab is None else (rab.time_bucket_scale, rab.num_time_buckets))
     tensors = (seq_offsets, prefix.starts, prefix.lengths, prefix.timestamps,
                *(() if rab is None else (rab.timestamps,)))
+    if q.device.type == "cpu" and batch == 1:
+        one = cached("cached-one-sequence", tensors, key, lambda: _OneSequence(prefix, m, max_seq_len, rab))
+        if one.whole:
+            return one.attend(q, k, v, prefix, max_seq_len, alpha, rab)
+    if q.device.type == "cpu" and total == batch and m == 1:
+        shared = cached("cached-shared", tensors, key, lambda: _SharedPrefix(prefix, max_seq_len, rab))
+        if shared.shared:
+            return shared.attend(q, k, v, prefix, max_seq_len, alpha, rab)
     lay = cached("cached-layout", tensors, key, lambda: _Layout(seq_offsets, prefix, total, m, p, max_seq_len, rab))
     # Two parts, never concatenated: the new tokens against the cached keys [B, H, M, P] (all visible),
     # and against the new keys [B, H, M, M] (causal).
@@ -190,14 +198,79 @@ def hstu_attention_cached_dense(
         scores = queries @ cached_k.transpose(-1, -2)
         if rab is not None:
             scores = scores + lay.cached_bias(rab)[:, None]
-        weights = F.silu(scores)
-        av = av + (weights if lay.whole_prefix else weights * lay.cached_allowed) @ cached_v
+        av = av + (F.silu(scores) * lay.cached_allowed) @ cached_v
     out = lay.unpad((av / max_seq_len).transpose(1, 2))  # [L, H, dv]
     return out if out.dtype == q.dtype else out.to(q.dtype)
 
 
 def _fp32(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.float32 else t.float()
+
+
+def _cache_view(t: torch.Tensor) -> torch.Tensor:
+    """A view of the cache, copied when autograd records: a cache made under ``inference_mode`` cannot
+    be saved for a backward (a forward with gradients over a served state: tests)."""
+    return t.clone() if torch.is_grad_enabled() and t.is_inference() else t
+
+
+class _OneSequence:
+    """One sequence on a CPU (a user's new events): its start and length cost nothing to read there, and
+    with them the prefix is a slice: keys and values are concatenated and attended in one product, the
+    fewest ops for the small steps a CPU server takes most."""
+
+    def __init__(self, prefix: CachedPrefix, m: int, max_seq_len: int, rab: RelativeBias | None) -> None:
+        start, n = int(prefix.starts[0]), int(prefix.lengths[0])
+        self.whole = n == prefix.bound()  # the bound is the length: nothing past the prefix to mask
+        self.rows = slice(start, start + n)
+        i = torch.arange(m)[:, None] + n  # the new tokens' positions
+        j = torch.arange(n + m)[None, :]  # the keys': the prefix's, then the new tokens'
+        self.mask = None if m == 1 else j <= i  # one new token sees every key
+        if rab is not None:
+            self.relative = j - i + max_seq_len - 1  # in [0, 2 max_seq_len - 2] when n + m <= max_seq_len
+            times = torch.cat([prefix.timestamps[self.rows], rab.timestamps])
+            self.buckets = rab.buckets(rab.timestamps[:, None], times[None, :])
+
+    def attend(self, q, k, v, prefix: CachedPrefix, max_seq_len: int, alpha: float, rab: RelativeBias | None):
+        keys = torch.cat([prefix.keys[self.rows], k]).transpose(0, 1)  # [H, n + m, d]
+        values = torch.cat([prefix.values[self.rows], v]).transpose(0, 1)
+        scores = _fp32(q).transpose(0, 1) @ _fp32(keys).transpose(1, 2)  # [H, m, n + m]
+        if alpha != 1.0:
+            scores = alpha * scores
+        if rab is not None:
+            scores = scores + _fp32(rab.pos_weights.take(self.relative) + rab.time_weights.take(self.buckets))
+        weights = F.silu(scores) if self.mask is None else F.silu(scores) * self.mask
+        out = ((weights @ _fp32(values)) / max_seq_len).transpose(0, 1)  # [m, H, dv]
+        return out if out.dtype == q.dtype else out.to(q.dtype)
+
+
+class _SharedPrefix:
+    """B sequences of one new token each after the same prefix (candidates after one history) on a CPU:
+    the prefix is attended once as a slice, not gathered B times."""
+
+    def __init__(self, prefix: CachedPrefix, max_seq_len: int, rab: RelativeBias | None) -> None:
+        starts, lengths = prefix.starts.tolist(), prefix.lengths.tolist()
+        n = lengths[0] if lengths else 0
+        self.shared = bool(starts) and len(set(starts)) == 1 and set(lengths) == {n} and n == prefix.bound()
+        if not self.shared:
+            return
+        self.rows = slice(starts[0], starts[0] + n)
+        if rab is not None:  # every new token sits at position n; key j at j
+            self.relative = torch.arange(n) - n + max_seq_len - 1  # [n]
+            self.buckets = rab.buckets(rab.timestamps[:, None], prefix.timestamps[self.rows][None, :])  # [B, n]
+
+    def attend(self, q, k, v, prefix: CachedPrefix, max_seq_len: int, alpha: float, rab: RelativeBias | None):
+        q, k, v = _fp32(q), _fp32(k), _fp32(v)
+        if alpha != 1.0:
+            q = alpha * q
+        history = torch.einsum("bhd,nhd->bhn", q, _fp32(_cache_view(prefix.keys[self.rows])))  # [B, H, n]
+        itself = (q * k).sum(-1)  # [B, H]: the token against its own key, gap 0, relative position 0
+        if rab is not None:
+            bias = rab.pos_weights.take(self.relative)[None, :] + rab.time_weights.take(self.buckets)
+            history = history + _fp32(bias)[:, None, :]
+            itself = itself + _fp32(rab.pos_weights[max_seq_len - 1] + rab.time_weights[0])
+        out = torch.einsum("bhn,nhd->bhd", F.silu(history), _fp32(_cache_view(prefix.values[self.rows])))
+        out = (out + F.silu(itself)[..., None] * v) / max_seq_len  # [B, H, dv]
+        return out if out.dtype == q.dtype else out.to(q.dtype)
 
 
 class _Layout:
@@ -220,18 +293,13 @@ class _Layout:
         if not self.one_each:
             self.new_allowed = ((j <= i) & rows_ok)[:, None]  # [B, 1, M, M]; j <= i < length: j inside too
         steps = torch.arange(p, device=device)
-        # One sequence on a CPU (a user's new events): reading its start and length costs nothing there,
-        # and with them its prefix is a slice, every key visible.
-        self.contiguous = None
-        if batch == 1 and self.uniform and device.type == "cpu":
-            start, length = int(prefix.starts[0]), int(prefix.lengths[0])
-            if length == p:
-                self.contiguous = slice(start, start + p)
-        self.whole_prefix = self.contiguous is not None
-        if not self.whole_prefix:
-            cached_ok = steps < prefix.lengths[:, None]  # [B, P]
-            self.cached_rows = torch.where(cached_ok, prefix.starts[:, None] + steps, 0)  # past a prefix: masked
-            self.cached_allowed = (cached_ok[:, None, :] & rows_ok)[:, None]  # [B, 1, M, P]
+        # Prefixes padded to P, sequence b's at rows b x P (``models.incremental`` lays several states out
+        # so): on a CPU, where reading the starts costs nothing, a view instead of a gather.
+        self.padded = device.type == "cpu" and prefix.keys.shape[0] == batch * p and \
+            prefix.starts.tolist() == list(range(0, batch * p, p or 1))[:batch]
+        cached_ok = steps < prefix.lengths[:, None]  # [B, P]
+        self.cached_rows = torch.where(cached_ok, prefix.starts[:, None] + steps, 0)  # past a prefix: masked
+        self.cached_allowed = (cached_ok[:, None, :] & rows_ok)[:, None]  # [B, 1, M, P]
         if rab is not None:
             n = prefix.lengths[:, None, None]
             # Relative positions key - query + max_seq_len - 1: new keys (n + j) - (n + i), cached j - (n + i).
@@ -254,11 +322,9 @@ class _Layout:
     def gather(self, cache: torch.Tensor) -> torch.Tensor:
         """[P_all, ...] cached rows -> [B, P, ...] each sequence's prefix (index_select: on a CPU several
         times faster than advanced indexing)."""
-        if self.contiguous is not None:
-            view = cache[self.contiguous][None]
-            # A view of a cache made under inference_mode cannot enter a graph autograd records.
-            return view.clone() if torch.is_grad_enabled() else view
         rows = self.cached_rows
+        if self.padded:
+            return _cache_view(cache.view(*rows.shape, *cache.shape[1:]))
         return cache.index_select(0, rows.flatten()).view(*rows.shape, *cache.shape[1:])
 
     def pad(self, t: torch.Tensor) -> torch.Tensor:
