@@ -18,7 +18,6 @@ import datetime
 import os
 import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,13 +25,13 @@ import time
 import torch
 import torch.distributed as dist
 
+from benchmarks.train import COMMAND_ENV, relaunch
 from data.splits import Split
 from training.config import load_config
 from training.distributed import cleanup, init_process_group
 from training.train import build
 
 DEFAULT_CONFIG = "configs/scale/events-100m.yaml"
-COMMAND_ENV = "GENREC_BENCH_COMMAND"
 
 
 def _sync(cuda: bool) -> None:
@@ -55,10 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("overrides", nargs="*", help="config overrides, section.key=value")
     args = ap.parse_args(argv)
     if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
-        rest = [a for i, a in enumerate(argv) if not a.startswith("--nproc") and not (i and argv[i - 1] == "--nproc")]
-        return subprocess.call([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                f"--nproc-per-node={args.nproc}", "-m", "benchmarks.epoch", *rest],
-                               env={**os.environ, COMMAND_ENV: " ".join(argv)})
+        return relaunch("benchmarks.epoch", args.nproc, argv)
     cfg = load_config(args.config, args.overrides)
     ctx = init_process_group(cfg.run.device, cfg.run.collective_timeout_s)
     cuda = ctx.device.type == "cuda"

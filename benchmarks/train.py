@@ -119,11 +119,12 @@ def _gather_floats(value: float, ctx: DistContext) -> list[float]:
     return out
 
 
-def relaunch(args: argparse.Namespace, argv: list[str]) -> int:
-    """The same command under torchrun with ``--nproc`` processes."""
+def relaunch(module: str, nproc: int, argv: list[str]) -> int:
+    """The same command (``python -m module argv``) under torchrun with ``nproc`` processes; the table's
+    reproduce line reads the command as typed from ``COMMAND_ENV``."""
     rest = [a for i, a in enumerate(argv) if not a.startswith("--nproc") and not (i and argv[i - 1] == "--nproc")]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
-           "-m", "benchmarks.train", *rest]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", module, *rest]
     return subprocess.call(cmd, env={**os.environ, COMMAND_ENV: " ".join(argv)})
 
 
@@ -143,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         ap.error(f"unknown variant(s) {sorted(unknown)}; choose from {list(VARIANTS)}")
     if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
-        return relaunch(args, argv)
+        return relaunch("benchmarks.train", args.nproc, argv)
     config, default_variants = SUITES[args.suite]
     args.config = args.config or config
     cfg = load_config(args.config, args.overrides)

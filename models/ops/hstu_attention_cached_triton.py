@@ -32,7 +32,7 @@ from models.ops.hstu_attention_triton import (
     _silu_mode,
     _silu_of_half,
 )
-from models.ops.relative_bias import RelativeBias, bucket_thresholds
+from models.ops.relative_bias import RelativeBias, thresholds_on
 
 
 @triton.jit
@@ -124,18 +124,6 @@ def _cached_fwd_kernel(
     tl.store(o_ptrs, acc.to(OUT.dtype.element_ty), mask=rows_ok[:, None] & (offs_dv < DV)[None, :])
 
 
-_THRESHOLDS: dict[tuple[float, int, str], torch.Tensor] = {}
-
-
-def _thresholds(scale: float, num_buckets: int, device: torch.device) -> torch.Tensor:
-    """The bucket thresholds on ``device``, copied there once (a copy per call would stall a CUDA graph's
-    capture)."""
-    key = (scale, num_buckets, str(device))
-    if key not in _THRESHOLDS:
-        _THRESHOLDS[key] = bucket_thresholds(scale, num_buckets).to(device)
-    return _THRESHOLDS[key]
-
-
 def hstu_attention_cached_triton(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -174,7 +162,7 @@ def hstu_attention_cached_triton(
     offsets = seq_offsets.to(device=q.device, dtype=torch.int64)
     if rab is not None:
         scale, num_buckets = float(rab.time_bucket_scale), rab.num_time_buckets
-        pos_w, time_w, thresh = rab.pos_weights, rab.time_weights, _thresholds(scale, num_buckets, q.device)
+        pos_w, time_w, thresh = rab.pos_weights, rab.time_weights, thresholds_on(scale, num_buckets, q.device)
         ts, cts = rab.timestamps.to(torch.int64), prefix.timestamps.to(torch.int64)
     else:
         scale, num_buckets = 1.0, 0

@@ -43,10 +43,17 @@ def bucket_thresholds(scale: float, num_buckets: int) -> torch.Tensor:
     return torch.tensor(out, dtype=torch.int64)
 
 
+@functools.cache
+def thresholds_on(scale: float, num_buckets: int, device: torch.device) -> torch.Tensor:
+    """``bucket_thresholds`` on ``device``, copied there once per device (a copy per call would also
+    stall a CUDA graph's capture)."""
+    return bucket_thresholds(scale, num_buckets).to(device)
+
+
 def gap_buckets(gaps: torch.Tensor, scale: float, num_buckets: int) -> torch.Tensor:
     """``time_gap_bucket`` of int64 ``gaps`` by an integer search in ``bucket_thresholds`` (one op
     instead of float64 abs/log/floor/clamp over every pair)."""
-    thresholds = bucket_thresholds(scale, num_buckets)[1 : num_buckets + 1].to(gaps.device)
+    thresholds = thresholds_on(scale, num_buckets, gaps.device)[1 : num_buckets + 1]
     return torch.bucketize(gaps.abs(), thresholds, right=True)
 
 
