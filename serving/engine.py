@@ -28,6 +28,7 @@ import torch
 from models.config import EncoderType, ModelConfig
 from models.embeddings import l2_normalize
 from models.incremental import PrefixState, append_decoded, extend, extend_candidates, extend_one_each
+from models.ops.hstu_attention import tuning_lengths
 from models.recommender import build_encoder, encode_histories, score_items
 from serving.artifact import Artifact
 from serving.index import IndexConfig, build_index
@@ -134,8 +135,8 @@ class Engine:
     def _queries(self, queries: Sequence[Query]) -> list[Recommendation]:
         lengths = [len(q.items) for q in queries]
         offsets = torch.tensor(np.cumsum([0, *lengths]), dtype=torch.int64, device=self.device)
-        ids = torch.from_numpy(np.concatenate([q.items for q in queries])).to(self.device)
-        stamps = torch.from_numpy(np.concatenate([q.timestamps for q in queries])).to(self.device)
+        ids, stamps = torch.from_numpy(np.stack([np.concatenate([q.items for q in queries]),
+                                                 np.concatenate([q.timestamps for q in queries])])).to(self.device)
         users = encode_histories(self.encoder, self.item_table, ids, stamps, offsets)
         return self._top_k(users, queries, lengths)
 
@@ -207,12 +208,13 @@ class Engine:
         take = min(p.budget, n - start)
         if take > 0:
             if extended is None:
-                ids = torch.from_numpy(p.items[start : start + take]).to(self.device)
-                stamps = torch.from_numpy(p.timestamps[start : start + take]).to(self.device)
+                # One copy to the device for both (each copy from pageable memory waits for the GPU).
+                ids, stamps = torch.from_numpy(np.stack([p.items[start : start + take],
+                                                         p.timestamps[start : start + take]])).to(self.device)
                 _, extended = extend(self.encoder, self.item_table, ids, stamps, state)
             state = extended
             if p.key is not None and self.cache is not None:
-                self.cache.put(p.key, state)
+                self.cache.put(p.key, state, p.items, p.timestamps)
         if state is None:
             raise ValueError("a Prefill needs at least one event")
         return Prefilled(state, n - start - take, max(take, 0))
@@ -300,22 +302,42 @@ class Engine:
         return extend(self.encoder, self.item_table, window_ids, window_stamps, None)[1]
 
     def warm_up(self, max_batch_size: int) -> float:
-        """Runs full-length batches of size 1 and ``max_batch_size`` once, so the first real requests
-        do not pay for first-call allocations; returns the seconds it took."""
+        """Runs every kind of model step once before the first request, so that no request pays for a
+        first call; returns the seconds it took.
+
+        First calls are slow on a GPU: the attention kernel is autotuned for each length bucket of a
+        batch's longest sequence (``models.ops.hstu_attention.tuning_length``), about a second each, and
+        CUDA loads a library kernel (a GEMM, a top-k, the scatter of exclusions) at its first launch,
+        which kernel depending on the batch size. Under load such a stall fills the queue and requests
+        are refused (docs/benchmarks.md, "Recommend at 500 QPS"). So: a batch at every tuning bucket;
+        retrieval with exclusions at every batch size (on CUDA; a CPU loads nothing, and there a
+        batch over a 10M-item catalogue costs seconds, so only 1 and ``max_batch_size``); a ranking
+        query; with HSTU a chunked prefill, a one-event extension and a greedy and a sampled decode.
+        """
         start = time.perf_counter()
-        n = self.max_seq_len
-        query = Query(
-            items=np.arange(n, dtype=np.int64) % self.num_items + 1,
-            timestamps=np.arange(n, dtype=np.int64) * 60,
-            top_k=min(10, self.num_items),
-            exclude=np.zeros(0, dtype=np.int64),
-            candidates=None,
-            chunk_size=10,
-        )
-        for size in sorted({1, max_batch_size}):
-            self.compute([query] * size)
+        n, k = self.max_seq_len, min(10, self.num_items)
+        items = np.arange(n, dtype=np.int64) % self.num_items + 1
+        stamps = np.arange(n, dtype=np.int64) * 60
+
+        def query(length: int, candidates: np.ndarray | None = None) -> Query:
+            seen = np.unique(items[-length:])[: max(self.num_items - k, 0)]
+            return Query(items[-length:], stamps[-length:], k, seen, candidates, chunk_size=10)
+
+        for length in sorted({1, n, *(min(b, n) for b in tuning_lengths(n))}):
+            self.compute([query(length)])
+        for size in range(1, max_batch_size + 1) if self.device.type == "cuda" else sorted({1, max_batch_size}):
+            self.compute([query(n)] * size)
+        self.compute([query(n, candidates=np.unique(items)[: k + 1])])
+        if self.incremental and n > 3:
+            (half,) = self.compute([Prefill(None, items[:-2], stamps[:-2], budget=n // 2)])
+            (rest,) = self.compute([Prefill(None, items[:-2], stamps[:-2], n, half.state)])
+            (one,) = self.compute([Prefill(None, items[:-1], stamps[:-1], 1, rest.state)])
+            sampler = torch.Generator(self.device).manual_seed(0)
+            self.compute([Decode(one.state, items[:1], 0.0, int(stamps[-1])),
+                          Decode(one.state, items[:1], 1.0, int(stamps[-1]), sampler)])
         if self.graphs is not None:
             log.info("captured %d CUDA graphs of the decode step", self.graphs.capture(max_batch_size))
         elapsed = time.perf_counter() - start
         log.info("warm-up took %.2fs", elapsed)
         return elapsed
+

@@ -23,6 +23,7 @@ from models.incremental import (
     extend_candidates,
     extend_one_each,
 )
+from models.ops.hstu_attention import tuning_length, tuning_lengths
 from models.recommender import encode_histories, score_items
 from serving.artifact import load_artifact
 from serving.engine import Engine, sample_softmax
@@ -468,3 +469,62 @@ def test_cuda_graph_one_event_prefills_equal_eager_ones(artifact) -> None:
         q = query(items, stamps)
         (rw,), (rg,) = eager.compute([Score(w.state, q)]), graphed.compute([Score(g.state, q)])
         np.testing.assert_array_equal(rw.items, rg.items)
+
+
+def test_warm_up_runs_a_batch_at_every_tuning_length(artifact) -> None:
+    """The kernels are tuned per bucket of a batch's longest sequence; warm-up must meet each one, so
+    that no request pays for a tuning run (on a GPU a stall of about a second)."""
+    engine = Engine(artifact)
+    longest: set[int] = set()
+    compute = engine.compute
+
+    def recording(work):
+        queries = [w for w in work if isinstance(w, Query)]
+        if queries:
+            longest.add(tuning_length(max(len(q.items) for q in queries)))
+        return compute(work)
+
+    engine.compute = recording
+    engine.warm_up(max_batch_size=4)
+    assert longest == set(tuning_lengths(MAX_LEN)) == {16, 32}
+
+
+def _compiled_kernels() -> int:
+    """Kernels Triton has compiled (every variant and tuning trial) for the attention ops so far."""
+    from models.ops import hstu_attention_cached_triton as cached_op
+    from models.ops import hstu_attention_triton as op
+
+    kernels = (op._hstu_fwd_kernel, op._hstu_bwd_dq_kernel, op._hstu_bwd_dkdv_kernel, cached_op._cached_fwd_kernel)
+    return sum(len(entry[0]) for k in kernels for entry in k.device_caches.values())
+
+
+def _forget_compiled_kernels() -> None:
+    from models.ops import hstu_attention_cached_triton as cached_op
+    from models.ops import hstu_attention_triton as op
+
+    for k in (op._hstu_fwd_kernel, op._hstu_bwd_dq_kernel, op._hstu_bwd_dkdv_kernel, cached_op._cached_fwd_kernel):
+        k.device_caches.clear()
+    for which in ("fwd", "dq", "dkdv"):
+        op._tuned(which).cache.clear()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Triton compiles for CUDA")
+def test_after_warm_up_no_request_compiles_or_tunes_a_kernel(artifact) -> None:
+    """Batches of any size and length after warm-up (Recommend, chunked prefills, one-event
+    extensions, decode steps) reuse the kernels compiled then: none is compiled or tuned while serving."""
+    _forget_compiled_kernels()
+    engine = Engine(artifact, "cuda", kv_cache_bytes=1 << 26)
+    engine.warm_up(max_batch_size=8)
+    compiled = _compiled_kernels()
+    assert compiled > 0
+    rng = np.random.default_rng(0)
+    for step in range(40):
+        lengths = rng.integers(1, MAX_LEN + 1, int(rng.integers(1, 9)))
+        histories = [history(1000 * step + i, int(n)) for i, n in enumerate(lengths)]
+        engine.compute([query(items, stamps) for items, stamps in histories])
+        states = engine.compute([Prefill(f"u{step % 5}-{i}", items, stamps, budget=int(rng.integers(1, 9)))
+                                 for i, (items, stamps) in enumerate(histories)])
+        engine.compute([Decode(s.state, np.array([1]), 0.0, int(s.state.timestamps[-1])) for s in states
+                        if s.state.length < MAX_LEN])
+    assert _compiled_kernels() == compiled

@@ -36,6 +36,29 @@ def resolve_impl(impl: str | AttentionImpl, device: torch.device) -> AttentionIm
     return impl
 
 
+def tuning_length(longest: int) -> int:
+    """The autotuning bucket of a batch whose longest sequence has ``longest`` tokens: the next power
+    of two, 16 at least. The Triton kernels are tuned for a bucket on its first batch (on a GPU about
+    a second), which is why a server runs one batch per bucket before serving (``Engine.warm_up``).
+
+    >>> [tuning_length(n) for n in (1, 16, 17, 200)]
+    [16, 16, 32, 256]
+    """
+    return max(16, 1 << (max(longest, 1) - 1).bit_length())
+
+
+def tuning_lengths(max_len: int) -> list[int]:
+    """Every bucket (``tuning_length``) of batches no longer than ``max_len``.
+
+    >>> tuning_lengths(200)
+    [16, 32, 64, 128, 256]
+    """
+    out = [16]
+    while out[-1] < tuning_length(max_len):
+        out.append(out[-1] * 2)
+    return out
+
+
 def hstu_attention(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -53,6 +53,7 @@ import torch
 import triton
 import triton.language as tl
 
+from models.ops.hstu_attention import tuning_length
 from models.ops.per_batch import cached
 from models.ops.relative_bias import RelativeBias, bucket_thresholds
 
@@ -213,6 +214,12 @@ def _key_ranges(start_m, seq_len, hist, BLOCK_M: tl.constexpr, BLOCK_N: tl.const
 # ----------------------------------------------------------------------------------------------
 
 
+# Integer arguments that change from batch to batch. Triton compiles a variant of a kernel for an
+# integer that is 1 or a multiple of 16; a server meeting such a batch for the first time would stall
+# for the compilation, so these are passed as plain integers.
+_PER_BATCH = ["MAX_LEN"]
+
+
 @triton.jit
 def _fwd_tile(
     acc, q, k_base, v_base, start_n, offs_m, offs_n, offs_dq, offs_dv, seq_len, hist, ts_q,
@@ -241,7 +248,7 @@ def _fwd_tile(
     return _mma(p.to(v.dtype), v, acc, DOT_PREC)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_PER_BATCH)
 def _hstu_fwd_kernel(
     Q, K, V, OUT, SEQ_OFFSETS, NUM_TARGETS, POS_W, TIME_W, TS, THRESH,
     stride_qm, stride_qh, stride_km, stride_kh, stride_vm, stride_vh, stride_om, stride_oh,
@@ -374,7 +381,7 @@ def _dkdv_tile(
     return dk, dv, t_hist
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_PER_BATCH)
 def _hstu_bwd_dkdv_kernel(
     Q, K, V, DO, DK, DV, SEQ_OFFSETS, NUM_TARGETS, POS_W, TIME_W, TS, THRESH, DPOS, DTIME,
     stride_qm, stride_qh, stride_km, stride_kh, stride_vm, stride_vh, stride_dom, stride_doh,
@@ -492,7 +499,7 @@ def _dq_tile(
     return _mma(ds.to(k.dtype), k, dq, DOT_PREC)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_PER_BATCH)
 def _hstu_bwd_dq_kernel(
     Q, K, V, DO, DQ_OUT, SEQ_OFFSETS, NUM_TARGETS, POS_W, TIME_W, TS, THRESH,
     stride_qm, stride_qh, stride_km, stride_kh, stride_vm, stride_vh, stride_dom, stride_doh,
@@ -861,7 +868,7 @@ class _Meta:
             self.ts = self.thresh = self.seq_offsets  # never read
         self.dot_prec = _dot_precision(q.dtype)
         self.silu_mode = _silu_mode(q.dtype)
-        self.autotune_len = triton.next_power_of_2(max(self.longest, 16))
+        self.autotune_len = tuning_length(self.longest)
 
     def scalars(self) -> tuple:
         # The kernels take log2 and scale by ln(2) / scale to get ln(dt) / scale.
