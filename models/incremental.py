@@ -121,7 +121,8 @@ def extend(
         prefix = _prefix(encoder, [state], device)
     prefix.max_new = m  # checked above: no need to read it back from the offsets
     items, timestamps = items.to(device), timestamps.to(device)
-    out = encoder(item_table[items], timestamps, torch.tensor([0, m], device=device), prefix)
+    # arange, not torch.tensor([0, m]): a copy from the host would wait for the device to be idle
+    out = encoder(item_table[items], timestamps, torch.arange(0, 2 * m, m, device=device), prefix)
     return out, state.then(items, timestamps, prefix.new_keys, prefix.new_values, out[-1])
 
 

@@ -200,15 +200,17 @@ class ItemIndex(ABC):
     def exact(self, users: torch.Tensor, ks: Sequence[int], excludes: Sequence[np.ndarray]) -> list[Found]:
         """``search`` over the whole catalogue: one product, the excluded columns masked, one top-k and
         one copy to the host for the batch (per-user calls cost a launch and a sync each on a GPU)."""
-        device = self.item_vectors.device
-        scores = score_items(users, self.item_vectors)  # [B, num_items + 1], padding column -inf
         rows = np.repeat(np.arange(len(excludes)), [len(e) for e in excludes])
         columns = np.concatenate([np.asarray(e, dtype=np.int64) for e in excludes]) if len(excludes) else rows
-        scores[torch.from_numpy(rows).to(device), torch.from_numpy(columns).to(device)] = float("-inf")
+        # Copied before the product is launched: a copy from pageable memory waits for the GPU to be idle.
+        rows_t, columns_t = torch.from_numpy(np.stack([rows, columns])).to(self.item_vectors.device)
+        scores = score_items(users, self.item_vectors)  # [B, num_items + 1], padding column -inf
+        scores[rows_t, columns_t] = float("-inf")
         ks = [min(k, self.num_items - len(e)) for k, e in zip(ks, excludes, strict=True)]
         top = torch.topk(scores, max(ks, default=0), dim=1)
-        items, values = top.indices.cpu().numpy(), top.values.float().cpu().numpy()
-        return [(items[i, :k], values[i, :k]) for i, k in enumerate(ks)]
+        # One copy back for both (float64 holds every item id exactly, as it does the float32 scores).
+        values, items = torch.stack([top.values.double(), top.indices.double()]).cpu().numpy()
+        return [(items[i, :k].astype(np.int64), values[i, :k].astype(np.float32)) for i, k in enumerate(ks)]
 
 
 class ExactIndex(ItemIndex):

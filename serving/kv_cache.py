@@ -58,14 +58,19 @@ class KVCache:
         self._count("misses")
         return None
 
-    def put(self, key: str, state: PrefixState) -> None:
+    def put(self, key: str, state: PrefixState, items: np.ndarray | None = None,
+            timestamps: np.ndarray | None = None) -> None:
         """Stores ``state`` for ``key`` (replacing the old one), then evicts least recently used entries
-        until the budget holds. A state larger than the whole budget is not stored."""
+        until the budget holds. A state larger than the whole budget is not stored.
+
+        ``items`` and ``timestamps``: the state's events on the host, when the caller has them (the
+        request's); else they are copied from the device, a synchronising copy each on a GPU."""
         self.drop(key)
         size = state.nbytes
         if size > self.budget_bytes:
             return
-        items, stamps = state.items.cpu().numpy(), state.timestamps.cpu().numpy()
+        items = state.items.cpu().numpy() if items is None else np.asarray(items)[: state.length]
+        stamps = state.timestamps.cpu().numpy() if timestamps is None else np.asarray(timestamps)[: state.length]
         self._entries[key] = (state, items, stamps)
         self.bytes += size
         while self.bytes > self.budget_bytes:
