@@ -31,7 +31,7 @@ ARGS   ?=
 NPROC  ?= 1
 
 .PHONY: help venv protos data data-synthetic train test test-slow test-all lint eval serve notebook \
-        bench-kernel bench-train bench-scale bench-serve bench-engine bench-data bench-eval bench-epoch bench-histories bench-catalogue clean
+        bench-kernel bench-train bench-scale bench-serve bench-engine bench-data bench-eval bench-epoch bench-histories bench-catalogue bench-memory clean
 
 help:
 	@echo "make train       prepare the dataset CONFIG names (ML-1M by default), train ($(CONFIG)), evaluate, export"
@@ -48,6 +48,7 @@ help:
 	@echo "make bench-kernel | bench-train | bench-scale | bench-serve | bench-engine   (NPROC=, ARGS=)"
 	@echo "make bench-data  streaming data preparation at 10M / 30M / 100M synthetic events (ARGS=)"
 	@echo "make bench-epoch the first epoch and one validation pass at 100M events / 10M users / 10M items (GPU)"
+	@echo "make bench-memory  peak device memory per step with and without activation checkpointing at N=4096 and 200 (GPU)"
 	@echo "make bench-histories  the export's memory-mapped history store at 10M users: write, open, lookups, RSS"
 	@echo "make bench-eval  ranking users against 10M items: item blocks vs the whole score matrix (ARGS=)"
 	@echo "make bench-catalogue  retrieval from 1M / 10M items: exact vs the ivf and hnsw indexes (ARGS=)"
@@ -119,6 +120,11 @@ bench-train: data
 bench-scale: $(STAMP)
 	$(PY) -m data.prepare --config configs/scale/hstu-10m.yaml
 	$(PY) -m benchmarks.train --suite scale --nproc $(NPROC) $(ARGS)
+
+bench-memory: $(STAMP)
+	$(PY) -m data.prepare --config configs/scale/long-history.yaml
+	$(PY) -m benchmarks.train --suite memory --steps 10 $(ARGS)
+	$(PY) -m benchmarks.train --suite memory --steps 10 model.max_seq_len=200 $(ARGS)
 
 bench-serve: $(STAMP) protos
 	$(PY) -m benchmarks.serve $(ARGS)

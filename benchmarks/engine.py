@@ -53,6 +53,34 @@ def timed(fn, reps: int, device: torch.device) -> float:
     return statistics.median(times)
 
 
+def host_profile(name: str, fn, device: torch.device, reps: int = 10) -> str:
+    """Per call of ``fn``: host (CPU) time, ops dispatched, kernels launched, host<->device copies and
+    the ops whose own host time is largest. A step bound by the host shows it here, not in a median."""
+    fn()
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(reps):
+            fn()
+    events = prof.key_averages()
+
+    def per_call(match) -> float:
+        return sum(e.count for e in events if match(e.key)) / reps
+
+    host_ms = sum(e.self_cpu_time_total for e in events) / reps / 1000
+    lines = [f"\nhost profile of one {name}: {host_ms:.2f} ms in torch ops (the rest is Python), "
+             f"{per_call(lambda k: k.startswith('aten::')):.0f} aten ops, "
+             f"{per_call(lambda k: 'LaunchKernel' in k):.0f} kernel launches, "
+             f"{per_call(lambda k: k.startswith('cudaMemcpy')):.0f} copies, "
+             f"{per_call(lambda k: k.endswith('Synchronize')):.0f} synchronisations, "
+             f"{per_call(lambda k: k == 'aten::_local_scalar_dense'):.0f} reads of a scalar"]
+    top = sorted(events, key=lambda e: -e.self_cpu_time_total)[:12]
+    lines += [f"  {e.key[:48]:48s} {e.count / reps:6.1f} calls  {e.self_cpu_time_total / reps / 1000:.3f} ms"
+              for e in top]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--artifact", type=Path, default=None)
@@ -63,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--torch-threads", type=int, default=1)
     ap.add_argument("--requests", type=int, default=256)
     ap.add_argument("--slots", type=int, default=16)
+    ap.add_argument("--profile", action="store_true",
+                    help="also print where the host time of a recompute and a kv-cache step goes (torch.profiler)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.torch_threads)
     device = torch.device(args.device)
@@ -79,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         engine.compute([query])
 
     def incremental(e: Engine = engine):  # a user whose n-1 events are cached sends one more
-        e.cache.put("u", base)
+        e.cache.put("u", base, prefix.items, prefix.timestamps)  # as the engine puts: host copies at hand
         (step,) = e.compute([Prefill("u", items, stamps, n)])
         assert step.computed == 1
         e.compute([Score(step.state, query)])
@@ -98,6 +128,10 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(("kv-cache + CUDA graph (cached prefix + 1 event)",
                      timed(lambda: incremental(graphed), args.reps, device)))
         assert graphed.graphs.replays > 0, "the one-event prefill did not go through the graph"
+
+    if args.profile:
+        for name, fn in (("recompute", recompute), ("kv-cache step", incremental)):
+            print(host_profile(name, fn, device))
 
     # Generation starts from a shorter history, so the generated items fit in the window and each step
     # appends to the cache instead of sliding (which recomputes).

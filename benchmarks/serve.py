@@ -135,12 +135,12 @@ class ServerProcess:
         return self
 
     def scrape(self) -> dict[str, float]:
-        """The server's Prometheus samples, summed over labels except ``code``."""
+        """The server's Prometheus samples, summed over labels except ``code`` and a histogram's ``le``."""
         text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10).read().decode()
         samples: collections.Counter[str] = collections.Counter()
         for name, labels, value in re.findall(r"^(genrec_\w+?)(\{[^}]*\})? (\S+)$", text, re.M):
-            code = re.search(r'code="(\w+)"', labels or "")
-            samples[name + (f"[{code.group(1)}]" if code else "")] += float(value)
+            kept = re.search(r'(?:code|le)="([^"]+)"', labels or "")
+            samples[name + (f"[{kept.group(1)}]" if kept else "")] += float(value)
         return dict(samples)
 
     def rss_mib(self) -> float:
@@ -167,6 +167,17 @@ class LoadResult:
     duration_s: float
     codes: collections.Counter[str]
     latencies_ms: list[float]  # OK replies only
+    not_ok_at: list[float] = field(default_factory=list)  # time.time() each non-OK request was sent
+    started_at: float | None = None  # time.time() of the run's first request
+
+    def not_ok_by_second(self) -> str:
+        """Non-OK replies per second of the run, e.g. "0s: 12, 7s: 3": a burst at the start (a cold
+        server) reads differently from refusals spread over the run (too little capacity)."""
+        if not self.not_ok_at:
+            return "none"
+        first = min(self.not_ok_at) if self.started_at is None else self.started_at
+        seconds = collections.Counter(int(t - first) for t in self.not_ok_at)
+        return ", ".join(f"{s}s: {n}" for s, n in sorted(seconds.items()))
 
     @property
     def throughput(self) -> float:
@@ -195,6 +206,7 @@ async def _one(stub: pb_grpc.RecommenderServiceStub, request: pb.RecommendReques
         result.latencies_ms.append((time.perf_counter() - start) * 1000)
     except grpc.aio.AioRpcError as e:
         code = e.code().name
+        result.not_ok_at.append(time.time() - (time.perf_counter() - start))
     result.codes[code] += 1
     return code
 
@@ -240,6 +252,7 @@ async def open_loop(address: str, qps: float, duration: float, timeout: float, n
     async with grpc.aio.insecure_channel(address) as channel:
         stub = pb_grpc.RecommenderServiceStub(channel)
         start = time.perf_counter() + phase + (0.0 if start_at is None else max(0.0, start_at - time.time()))
+        result.started_at = time.time() + (start - phase - time.perf_counter())
         tasks: set[asyncio.Task[None]] = set()
         next_tick = 0.0
         for i in range(int(qps * (duration - phase))):
@@ -293,7 +306,8 @@ def load(args: argparse.Namespace, mode: str, address: str, level: float, durati
                            [label] * procs, range(procs), [start_at] * procs, phases))
     offered = f"c={int(level)}" if mode == "closed" else f"{level:.0f}/s"
     return LoadResult(label, mode, offered, duration, sum((p.codes for p in parts), collections.Counter()),
-                      [x for p in parts for x in p.latencies_ms])
+                      [x for p in parts for x in p.latencies_ms], [x for p in parts for x in p.not_ok_at],
+                      min((p.started_at for p in parts if p.started_at is not None), default=None))
 
 
 # --- suites --------------------------------------------------------------------------------------
@@ -435,7 +449,15 @@ def server_side(before: dict[str, float], after: dict[str, float]) -> str:
     return (f"server side: replies {replies}; {computed:.0f} requests computed in {batches:.0f} batches (mean size "
             f"{computed / max(batches, 1):.1f}, mean compute "
             f"{d.get('genrec_compute_latency_seconds_sum', 0.0) / max(batches, 1) * 1000:.0f} ms), "
-            f"{ok / max(computed, 1):.0%} of them answered OK")
+            f"{ok / max(computed, 1):.0%} of them answered OK; {_slow_batches(d)}")
+
+
+def _slow_batches(d: dict[str, float]) -> str:
+    """How many batches took longer than each of a few latency buckets (stalls show up here)."""
+    count = d.get("genrec_compute_latency_seconds_count", 0.0)
+    over = [f"> {float(le) * 1000:g} ms: {count - d[f'genrec_compute_latency_seconds_bucket[{le}]']:.0f}"
+            for le in ("0.02", "0.05", "0.1", "0.5") if f"genrec_compute_latency_seconds_bucket[{le}]" in d]
+    return "batches " + ", ".join(over) if over else "no batch times"
 
 
 def suite_overload(args, artifact: Path) -> tuple[list[LoadResult], bool]:
@@ -699,7 +721,10 @@ def main(argv: list[str] | None = None) -> int:
         with server_for(args, artifact, args.max_batch_size) as server:
             address = f"127.0.0.1:{server.port}"
             level = args.concurrency if args.suite == "closed" else args.qps
+            before = server.scrape()
             rows = [load(args, args.suite, address, level, args.duration, f"max batch {args.max_batch_size}")]
+            print(server_side(before, server.scrape()))
+            print(f"not OK, by second of the run: {rows[0].not_ok_by_second()}")
     if _POOL is not None:
         _POOL.shutdown()
     if rows:

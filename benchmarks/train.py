@@ -1,10 +1,12 @@
 """`make bench-train` / `make bench-scale`: training throughput, variants side by side in one run.
 
-    python -m benchmarks.train [--suite ml-1m|scale] [--nproc N] [--steps 30] [--variants a,b] [key=value ...]
+    python -m benchmarks.train [--suite ml-1m|scale|memory] [--nproc N] [--steps 30] [--variants a,b] [key=value ...]
 
 Suites (a config and its default variants):
   ml-1m   configs/ml-1m/hstu.yaml: pipelined, plain (+ pipelined-ref, pipelined-ckpt on CUDA)
   scale   configs/scale/hstu-10m.yaml (10M items, d=128, histories up to 512, Zipf): pipelined, plain
+  memory  configs/scale/long-history.yaml (histories of 4,200-8,000 events through a 4,096 window):
+          pipelined, pipelined-ckpt: peak device memory with and without activation checkpointing
 
 Variants (each a fresh run built by ``training.train.build``, same data, same config):
   pipelined        TrainPipelineSparseDist (copy + embedding input_dist of batch i+1 overlap batch i)
@@ -48,6 +50,7 @@ from training.train import Trainer, build
 SUITES = {
     "ml-1m": ("configs/ml-1m/hstu.yaml", ["pipelined", "plain", "pipelined-ref", "pipelined-ckpt"]),
     "scale": ("configs/scale/hstu-10m.yaml", ["pipelined", "plain"]),
+    "memory": ("configs/scale/long-history.yaml", ["pipelined", "pipelined-ckpt"]),
 }
 COMMAND_ENV = "GENREC_BENCH_COMMAND"
 """The command line as the user typed it, for the table's last line (torchrun's children get less)."""
