@@ -231,6 +231,7 @@ async def closed_loop(address: str, concurrency: int, duration: float, timeout: 
         stub = pb_grpc.RecommenderServiceStub(channel)
         if start_at is not None and (wait := start_at - time.time()) > 0:
             await asyncio.sleep(wait)
+        result.started_at = time.time()
         stop_at = time.perf_counter() + duration
 
         async def caller() -> None:

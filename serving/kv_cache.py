@@ -69,8 +69,9 @@ class KVCache:
         size = state.nbytes
         if size > self.budget_bytes:
             return
-        items = state.items.cpu().numpy() if items is None else np.asarray(items)[: state.length]
-        stamps = state.timestamps.cpu().numpy() if timestamps is None else np.asarray(timestamps)[: state.length]
+        # Copies, not views: a view would keep the request's whole history alive as long as the entry.
+        items = state.items.cpu().numpy() if items is None else np.array(items[: state.length])
+        stamps = state.timestamps.cpu().numpy() if timestamps is None else np.array(timestamps[: state.length])
         self._entries[key] = (state, items, stamps)
         self.bytes += size
         while self.bytes > self.budget_bytes:

@@ -583,6 +583,9 @@ class RecommenderServer:
         if self._servicer.loaded is not None:
             await self._servicer.loaded.batcher.close()
         self.metrics.stop_http()
+        # Hands what load() froze back to the collector, so a process that starts servers one after
+        # another (tests, notebooks) can free the stopped ones.
+        gc.unfreeze()
         log.info("stopped")
         self.closed.set()
 

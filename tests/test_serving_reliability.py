@@ -322,9 +322,12 @@ def test_what_the_server_loaded_is_never_walked_by_the_garbage_collector(artifac
     """Python's full collections walk every tracked container; the catalogue's id lists hold one entry
     per item, so at 10M items each walk stalled every thread for ~0.1-0.2 s, the first ones while the
     first requests of a loaded server arrived (requests refused at 500 QPS). Once ready, the server
-    freezes what it loaded: the collector never visits it again."""
+    freezes what it loaded: the collector never visits it again until the server stops."""
     with ServerThread(ServerConfig(artifact=artifact, port=0)) as server:
         catalogue = server.server._servicer.loaded.catalogue
         walked = {id(o) for o in gc.get_objects()}
         assert id(catalogue.raw_ids) not in walked and id(catalogue.titles) not in walked
         assert len(catalogue.raw_ids) == NUM_ITEMS + 1
+    # Stopped: handed back, so a process that starts many servers can free them.
+    walked = {id(o) for o in gc.get_objects()}
+    assert id(catalogue.raw_ids) in walked and id(catalogue.titles) in walked
