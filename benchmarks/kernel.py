@@ -256,7 +256,8 @@ def main(argv=None):
     command = "python -m benchmarks.kernel " + " ".join(shlex.quote(a) for a in cli)
     header = (f"# HSTU attention benchmark: {card}, {date}, torch {torch.__version__}, triton {triton.__version__}\n"
               f"# H={args.heads} d={args.dim} {args.dtype} ~{args.tokens} tokens/batch, lengths U[N/2, N], "
-              f"bias={'on' if args.bias else 'off'}, SiLU mode={os.environ.get('HSTU_ATTN_SILU', 'tanh')}\n"
+              f"bias={'on' if args.bias else 'off'}, SiLU mode={os.environ.get('HSTU_ATTN_SILU', 'tanh')}, "
+              f"time steps={hat.time_steps()}\n"
               f"# reproduce: {command}")
     print(header, flush=True)
     rows = []

@@ -167,9 +167,26 @@ def test_unsorted_and_huge_timestamps():
 
 
 @needs_interpreter
-def test_time_buckets_exact_at_thresholds():
+@pytest.mark.parametrize("steps", [0, 200])
+@pytest.mark.parametrize("sorted_ts", [True, False])
+def test_time_bias_by_comparisons_and_by_lookups(steps, sorted_ts, monkeypatch):
+    """The two ways a tile gets its time bias, each forced on every tile it can take: per-element
+    bucket lookups (HSTU_ATTN_TIME_STEPS=0: only single-bucket tiles compare) and comparisons
+    against the tile's bucket boundaries (200 > the 128 buckets: every tile compares), forward and
+    backward with both table gradients, time-ordered and shuffled timestamps."""
+    monkeypatch.setenv("HSTU_ATTN_TIME_STEPS", str(steps))
+    case = _make_case(_seed(f"steps-{steps}-{sorted_ts}"), [97, 1, 64, 130], 2, 16, 16, bias=True, targets=True,
+                      sorted_ts=sorted_ts)
+    _check(case, tol=1e-4)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("steps", [0, 8, 200])
+def test_time_buckets_exact_at_thresholds(steps, monkeypatch):
     """Gaps exactly at and just below each bucket threshold must land in the reference's bucket: the
-    kernel's fp32 log estimate is corrected by an integer comparison."""
+    kernel's fp32 log estimate is corrected by an integer comparison, and a tile's comparisons
+    against its bucket boundaries use the same thresholds."""
+    monkeypatch.setenv("HSTU_ATTN_TIME_STEPS", str(steps))
     thresh = bucket_thresholds(0.301, 128)
     gaps = torch.cat([thresh[1:40], thresh[1:40] - 1, torch.tensor([0, 1, 2, 3])])
     n = gaps.numel() + 1
@@ -289,6 +306,11 @@ def test_kernel_configs_pins_tiles_and_restores_them_after_an_error():
 
     with pytest.raises(Exception, match="power of 2"), hat.kernel_configs(fwd=bad):
         run()
+    # A tile taller than the position-bias rows is refused before it could read past them.
+    b = _make_case(_seed("tall"), [20], 1, 16, 16, bias=True, targets=False)
+    with pytest.raises(ValueError, match="at most 128 query rows"), \
+            hat.kernel_configs(fwd=hat.tile_config(256, 16, 4, 1)):
+        hat.hstu_attention_triton(b["q"], b["k"], b["v"], b["offsets"], b["max_seq_len"], b["alpha"], rab=b["rab"])
     assert _rel_err(run(), ref) < 1e-4
     with hat.kernel_configs(fwd=bad):
         with hat.kernel_configs(fwd=good):

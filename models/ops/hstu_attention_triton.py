@@ -22,10 +22,15 @@ Design (what differs from a softmax flash-attention, and why):
   never loaded, and only blocks that straddle the diagonal (or the num_targets boundary) evaluate
   the element mask.  With targets, the key blocks between the history and the diagonal are skipped.
 * The relative bias is recomputed in the kernel from ``pos_weights`` [2N-1], ``time_weights`` [B+1]
-  and the token timestamps; no [N, N] tensor exists.  The time bucket ``floor(ln dt / scale)`` is
-  estimated in fp32 and then made exact with one integer comparison against a host-computed table
-  of bucket thresholds, so kernel and reference agree exactly on the bucket (for gaps below ~2^40 s,
-  beyond which float64's ln itself cannot separate neighbouring integers).
+  and the token timestamps; no [N, N] tensor exists.  Position: a tile's bias depends on j - i only,
+  so it is read as a strided tile of ``_pos_rows`` (the table copied once per row, each row shifted
+  by one place): contiguous, aligned loads instead of a gather per element.  Time: buckets are exact
+  integer comparisons against a host-computed table of thresholds, so kernel and reference agree on
+  every bucket (for gaps below ~2^40 s, beyond which float64's ln itself cannot separate
+  neighbouring integers).  A tile whose gaps span at most ``HSTU_ATTN_TIME_STEPS`` buckets (tiles
+  away from the diagonal of a time-ordered sequence) compares each element against those few
+  thresholds; wider tiles estimate ``floor(ln dt / scale)`` in fp32 per element, correct it with one
+  comparison and look the weight up.
 * Backward = two deterministic kernels: one program per key block accumulates dK, dV (and the bias
   gradients), one per query block accumulates dQ.  No atomics on dQ/dK/dV.  The two bias-table
   gradients are reduced inside each program before touching global memory: the position gradient
@@ -36,7 +41,9 @@ Design (what differs from a softmax flash-attention, and why):
 
 Knobs (environment, read per call): ``HSTU_ATTN_AUTOTUNE=0`` uses the first candidate config of each
 kernel instead of autotuning (saves compile time); ``HSTU_ATTN_SILU=exact|tanh`` picks the
-16-bit SiLU evaluation (default ``tanh``).  Under ``TRITON_INTERPRET=1`` one small fixed config is used.
+16-bit SiLU evaluation (default ``tanh``); ``HSTU_ATTN_TIME_STEPS=n`` (default 8) is the widest
+bucket range a tile evaluates by comparisons (0: lookups unless the tile holds one bucket).
+Under ``TRITON_INTERPRET=1`` one small fixed config is used.
 In code, ``with kernel_configs(fwd=tile_config(...)):`` pins a kernel's config (sweeps, tests).
 Results and measurements: docs/benchmarks.md.
 """
@@ -130,23 +137,68 @@ def _log2(x, FAST: tl.constexpr):
 
 
 @triton.jit
-def _rel_bias(POS_W, TIME_W, THRESH, i, j, ts_i, ts_j, max_seq_len, log2_to_bucket, num_buckets,
-              FAST: tl.constexpr):
-    """bias(i, j) and the time bucket, for broadcastable positions i (query) and j (key).
+def _gap_bucket(THRESH, gap, log2_to_bucket, num_buckets, FAST: tl.constexpr):
+    """The exact time bucket of gaps ``gap`` >= 0 (a tensor or a scalar).
 
-    i and j must already be clamped to [0, seq_len) (done on the 1-D vectors by the callers, so
-    that rows/columns past the end, whose results are discarded, still index inside the table).
-    The bucket estimate c = round(ln(dt) / scale) is within 1/2 of the exact real value, so the
-    exact floor is c - 1 or c, and ``dt >= THRESH[c]`` (the smallest gap whose reference bucket is
-    >= c) picks the right one.  THRESH[num_buckets + 1] is "never", which also clamps at the top.
+    The estimate c = round(ln(dt) / scale) is within 1/2 of the exact real value, so the exact floor
+    is c - 1 or c, and ``dt >= THRESH[c]`` (the smallest gap whose reference bucket is >= c) picks
+    the right one.  THRESH[num_buckets + 1] is "never", which also clamps at the top.
     """
-    bias = tl.load(POS_W + (j - i + (max_seq_len - 1))).to(tl.float32)
-    dt = tl.maximum(tl.abs(ts_i - ts_j), 1)
+    dt = tl.maximum(gap, 1)
     x = _log2(dt.to(tl.float32), FAST) * log2_to_bucket
     c = tl.minimum(tl.floor(x + 0.5).to(tl.int32), num_buckets + 1)
-    bucket = c - 1 + (dt >= tl.load(THRESH + c)).to(tl.int32)
+    return c - 1 + (dt >= tl.load(THRESH + c)).to(tl.int32)
+
+
+@triton.jit
+def _rel_bias(POS_W, TIME_W, THRESH, i, j, ts_i, ts_j, max_seq_len, log2_to_bucket, num_buckets,
+              FAST: tl.constexpr):
+    """bias(i, j) and the time bucket by per-element table lookups, for broadcastable positions i
+    (query) and j (key), already clamped to [0, seq_len) (the cached-prefix kernel's form)."""
+    bias = tl.load(POS_W + (j - i + (max_seq_len - 1))).to(tl.float32)
+    bucket = _gap_bucket(THRESH, tl.abs(ts_i - ts_j), log2_to_bucket, num_buckets, FAST)
     bias += tl.load(TIME_W + bucket).to(tl.float32)
     return bias, bucket
+
+
+@triton.jit
+def _pos_bias(POS_ROWS, stride_pr, rows, cols, shift):
+    """The position bias of a tile: element (r, c) of a tile whose key block starts ``shift - x0``
+    positions after its query block (r, c tile-local; broadcastable) is POS_ROWS[r, shift + c].
+
+    Each row of POS_ROWS is the position table shifted by one more place (``_pos_rows``), so the tile
+    is a plain strided load, contiguous and aligned along c: no per-element gather."""
+    return tl.load(POS_ROWS + rows * stride_pr + shift + cols).to(tl.float32)
+
+
+@triton.jit
+def _gap_range(lo_a, hi_a, ts_b):
+    """(smallest, largest) |t_a - t_b| between timestamps in [lo_a, hi_a] and the 1-D ``ts_b``."""
+    lo_b = tl.min(ts_b, axis=0)
+    hi_b = tl.max(ts_b, axis=0)
+    return tl.maximum(tl.maximum(lo_a - hi_b, lo_b - hi_a), 0), tl.maximum(hi_a - lo_b, hi_b - lo_a)
+
+
+@triton.jit
+def _time_bias(TIME_W, THRESH, dt, gap_lo, gap_hi, log2_to_bucket, num_buckets, FAST: tl.constexpr,
+               TIME_STEPS: tl.constexpr):
+    """time_weights[bucket(dt)] over a tile whose gaps all lie in [gap_lo, gap_hi], and the tile's
+    bucket range (b_lo, b_hi).
+
+    Buckets are monotone in the gap, so every element's bucket is within [b_lo, b_hi].  When that
+    range holds at most TIME_STEPS boundaries (tiles away from the diagonal, in time-ordered
+    sequences), each boundary is one integer comparison and one select per element against
+    scalars: no logarithm and no gather.  Wider ranges take the per-element estimate and lookups.
+    """
+    b_lo = _gap_bucket(THRESH, gap_lo, log2_to_bucket, num_buckets, False)
+    b_hi = _gap_bucket(THRESH, gap_hi, log2_to_bucket, num_buckets, False)
+    if b_hi - b_lo <= TIME_STEPS:
+        tb = tl.zeros(dt.shape, dtype=tl.float32) + tl.load(TIME_W + b_lo).to(tl.float32)
+        for c in range(b_lo + 1, b_hi + 1):
+            tb = tl.where(dt >= tl.load(THRESH + c), tl.load(TIME_W + c).to(tl.float32), tb)
+    else:
+        tb = tl.load(TIME_W + _gap_bucket(THRESH, dt, log2_to_bucket, num_buckets, FAST)).to(tl.float32)
+    return tb, b_lo, b_hi
 
 
 @triton.jit
@@ -222,12 +274,12 @@ _PER_BATCH = ["MAX_LEN"]
 
 @triton.jit
 def _fwd_tile(
-    acc, q, k_base, v_base, start_n, offs_m, offs_n, offs_dq, offs_dv, seq_len, hist, ts_q,
-    TS_base, POS_W, TIME_W, THRESH, stride_km, stride_vm, half_alpha, max_seq_len, log2_to_bucket,
-    num_buckets,
+    acc, q, k_base, v_base, start_m, start_n, offs_m, offs_r, offs_n, offs_dq, offs_dv, seq_len, hist, ts_q,
+    q_ts_lo, q_ts_hi, TS_base, POS_ROWS, TIME_W, THRESH, stride_km, stride_vm, stride_pr, pos_x0, half_alpha,
+    log2_to_bucket, num_buckets,
     DQ: tl.constexpr, DV: tl.constexpr, BLOCK_DQ: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASKED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_TARGETS: tl.constexpr,
-    SILU_MODE: tl.constexpr, DOT_PREC: tl.constexpr,
+    SILU_MODE: tl.constexpr, DOT_PREC: tl.constexpr, TIME_STEPS: tl.constexpr,
 ):
     cols = start_n + offs_n
     cols_ok = cols < seq_len
@@ -235,11 +287,14 @@ def _fwd_tile(
                    MASKED, DQ != BLOCK_DQ)
     h = _mma(q, tl.trans(k), None, DOT_PREC) * half_alpha
     if HAS_BIAS:
-        ts_k = tl.load(TS_base + cols, mask=cols_ok, other=0)
-        bias, _ = _rel_bias(POS_W, TIME_W, THRESH, tl.minimum(offs_m, seq_len - 1)[:, None],
-                            tl.minimum(cols, seq_len - 1)[None, :], ts_q[:, None], ts_k[None, :], max_seq_len,
-                            log2_to_bucket, num_buckets, SILU_MODE != 0)
-        h += 0.5 * bias
+        # Columns past the end read the last key's timestamp: the tile's gap range stays that of
+        # its real keys (their results are discarded).
+        ts_k = tl.load(TS_base + tl.minimum(cols, seq_len - 1))
+        gap_lo, gap_hi = _gap_range(q_ts_lo, q_ts_hi, ts_k)
+        tb, _, _ = _time_bias(TIME_W, THRESH, tl.abs(ts_q[:, None] - ts_k[None, :]), gap_lo, gap_hi,
+                              log2_to_bucket, num_buckets, SILU_MODE != 0, TIME_STEPS)
+        pb = _pos_bias(POS_ROWS, stride_pr, offs_r[:, None], offs_n[None, :], start_n - start_m + pos_x0)
+        h += 0.5 * (pb + tb)
     p = _silu_of_half(h, SILU_MODE)
     if MASKED:
         p = tl.where(_allowed(offs_m[:, None], cols[None, :], hist, HAS_TARGETS), p, 0.0)
@@ -250,14 +305,14 @@ def _fwd_tile(
 
 @triton.jit(do_not_specialize=_PER_BATCH)
 def _hstu_fwd_kernel(
-    Q, K, V, OUT, SEQ_OFFSETS, NUM_TARGETS, POS_W, TIME_W, TS, THRESH,
-    stride_qm, stride_qh, stride_km, stride_kh, stride_vm, stride_vh, stride_om, stride_oh,
+    Q, K, V, OUT, SEQ_OFFSETS, NUM_TARGETS, POS_ROWS, TIME_W, TS, THRESH,
+    stride_qm, stride_qh, stride_km, stride_kh, stride_vm, stride_vh, stride_om, stride_oh, stride_pr, pos_x0,
     H, alpha, inv_max_seq_len, max_seq_len, log2_to_bucket, num_buckets,
     AUTOTUNE_LEN,  # autotuning key only: the batch's longest sequence, rounded up to a power of 2
     MAX_LEN,  # the batch's longest sequence: the grid has cdiv(MAX_LEN, BLOCK) programs per (sequence, head)
     DQ: tl.constexpr, DV: tl.constexpr, BLOCK_DQ: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_TARGETS: tl.constexpr, SILU_MODE: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LOOP_STAGES: tl.constexpr = None,
+    TIME_STEPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LOOP_STAGES: tl.constexpr = None,
 ):
     pid_bh, i = _program_tile(MAX_LEN, BLOCK_M)
     b = pid_bh // H
@@ -274,7 +329,8 @@ def _hstu_fwd_kernel(
     if HAS_TARGETS:
         hist = tl.minimum(tl.maximum(seq_len - tl.load(NUM_TARGETS + b).to(tl.int32), 0), seq_len)
 
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, BLOCK_M)
+    offs_m = start_m + offs_r
     offs_n = tl.arange(0, BLOCK_N)
     offs_dq = tl.arange(0, BLOCK_DQ)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -285,29 +341,33 @@ def _hstu_fwd_kernel(
     TS_base = TS + seq_start
     q = _load_tile(q_base + offs_m[:, None] * stride_qm + offs_dq[None, :], rows_ok, offs_dq < DQ,
                    True, DQ != BLOCK_DQ)
-    ts_q = offs_m  # placeholder when there is no bias (never read)
+    ts_q = offs_m  # placeholders when there is no bias (never read)
+    q_ts_lo = 0
+    q_ts_hi = 0
     if HAS_BIAS:
-        ts_q = tl.load(TS_base + offs_m, mask=rows_ok, other=0)
+        ts_q = tl.load(TS_base + tl.minimum(offs_m, seq_len - 1))  # rows past the end: the last row's
+        q_ts_lo = tl.min(ts_q, axis=0)
+        q_ts_hi = tl.max(ts_q, axis=0)
     half_alpha = 0.5 * alpha
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
 
     full_end, a_end, b_start, hi = _key_ranges(start_m, seq_len, hist, BLOCK_M, BLOCK_N, HAS_TARGETS)
     for start_n in tl.range(0, full_end, BLOCK_N, num_stages=LOOP_STAGES):
-        acc = _fwd_tile(acc, q, k_base, v_base, start_n, offs_m, offs_n, offs_dq, offs_dv, seq_len, hist, ts_q,
-                        TS_base, POS_W, TIME_W, THRESH, stride_km, stride_vm, half_alpha, max_seq_len,
-                        log2_to_bucket, num_buckets, DQ, DV, BLOCK_DQ, BLOCK_DV,
-                        False, HAS_BIAS, HAS_TARGETS, SILU_MODE, DOT_PREC)
+        acc = _fwd_tile(acc, q, k_base, v_base, start_m, start_n, offs_m, offs_r, offs_n, offs_dq, offs_dv, seq_len,
+                        hist, ts_q, q_ts_lo, q_ts_hi, TS_base, POS_ROWS, TIME_W, THRESH, stride_km, stride_vm,
+                        stride_pr, pos_x0, half_alpha, log2_to_bucket, num_buckets, DQ, DV, BLOCK_DQ, BLOCK_DV,
+                        False, HAS_BIAS, HAS_TARGETS, SILU_MODE, DOT_PREC, TIME_STEPS)
     for start_n in tl.range(full_end, a_end, BLOCK_N, num_stages=LOOP_STAGES):
-        acc = _fwd_tile(acc, q, k_base, v_base, start_n, offs_m, offs_n, offs_dq, offs_dv, seq_len, hist, ts_q,
-                        TS_base, POS_W, TIME_W, THRESH, stride_km, stride_vm, half_alpha, max_seq_len,
-                        log2_to_bucket, num_buckets, DQ, DV, BLOCK_DQ, BLOCK_DV,
-                        True, HAS_BIAS, HAS_TARGETS, SILU_MODE, DOT_PREC)
+        acc = _fwd_tile(acc, q, k_base, v_base, start_m, start_n, offs_m, offs_r, offs_n, offs_dq, offs_dv, seq_len,
+                        hist, ts_q, q_ts_lo, q_ts_hi, TS_base, POS_ROWS, TIME_W, THRESH, stride_km, stride_vm,
+                        stride_pr, pos_x0, half_alpha, log2_to_bucket, num_buckets, DQ, DV, BLOCK_DQ, BLOCK_DV,
+                        True, HAS_BIAS, HAS_TARGETS, SILU_MODE, DOT_PREC, TIME_STEPS)
     if HAS_TARGETS:
         for start_n in tl.range(b_start, hi, BLOCK_N, num_stages=LOOP_STAGES):
-            acc = _fwd_tile(acc, q, k_base, v_base, start_n, offs_m, offs_n, offs_dq, offs_dv, seq_len, hist,
-                            ts_q, TS_base, POS_W, TIME_W, THRESH, stride_km, stride_vm, half_alpha, max_seq_len,
-                            log2_to_bucket, num_buckets, DQ, DV, BLOCK_DQ, BLOCK_DV,
-                            True, HAS_BIAS, HAS_TARGETS, SILU_MODE, DOT_PREC)
+            acc = _fwd_tile(acc, q, k_base, v_base, start_m, start_n, offs_m, offs_r, offs_n, offs_dq, offs_dv,
+                            seq_len, hist, ts_q, q_ts_lo, q_ts_hi, TS_base, POS_ROWS, TIME_W, THRESH, stride_km,
+                            stride_vm, stride_pr, pos_x0, half_alpha, log2_to_bucket, num_buckets, DQ, DV, BLOCK_DQ,
+                            BLOCK_DV, True, HAS_BIAS, HAS_TARGETS, SILU_MODE, DOT_PREC, TIME_STEPS)
 
     acc = acc * inv_max_seq_len
     o_ptrs = OUT + seq_start * stride_om + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :]
@@ -322,12 +382,12 @@ def _hstu_fwd_kernel(
 @triton.jit
 def _dkdv_tile(
     dk, dv, t_hist, k, v, q_base, do_base, start_m, start_n, offs_m, offs_n, offs_dq, offs_dv, seq_len, hist,
-    ts_k, TS_base, POS_W, TIME_W, THRESH, DPOS, stride_qm, stride_dom, half_alpha, inv_max_seq_len,
-    max_seq_len, log2_to_bucket, num_buckets,
+    ts_k, k_ts_lo, k_ts_hi, TS_base, POS_ROWS, TIME_W, THRESH, DPOS, stride_qm, stride_dom, stride_pr, pos_x0,
+    half_alpha, inv_max_seq_len, max_seq_len, log2_to_bucket, num_buckets,
     DQ: tl.constexpr, DV: tl.constexpr, BLOCK_DQ: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DIAG: tl.constexpr, NUM_BINS: tl.constexpr,
     MASKED: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, HAS_TARGETS: tl.constexpr,
-    SILU_MODE: tl.constexpr, DOT_PREC: tl.constexpr,
+    SILU_MODE: tl.constexpr, DOT_PREC: tl.constexpr, TIME_STEPS: tl.constexpr,
 ):
     # The tile is transposed (keys are rows) so that dK and dV accumulate along its rows.
     rows_q = start_m + offs_m
@@ -339,11 +399,13 @@ def _dkdv_tile(
     cols_k = start_n + offs_n  # key positions: rows of the transposed tile
     hT = _mma(k, tl.trans(q), None, DOT_PREC) * half_alpha
     if HAS_BIAS:
-        ts_q = tl.load(TS_base + rows_q, mask=q_ok, other=0)
-        biasT, bucketT = _rel_bias(POS_W, TIME_W, THRESH, tl.minimum(rows_q, seq_len - 1)[None, :],
-                                   tl.minimum(cols_k, seq_len - 1)[:, None], ts_q[None, :], ts_k[:, None],
-                                   max_seq_len, log2_to_bucket, num_buckets, SILU_MODE != 0)
-        hT += 0.5 * biasT
+        ts_q = tl.load(TS_base + tl.minimum(rows_q, seq_len - 1))  # rows past the end: the last row's
+        gap_lo, gap_hi = _gap_range(k_ts_lo, k_ts_hi, ts_q)
+        dtT = tl.abs(ts_q[None, :] - ts_k[:, None])
+        tbT, b_lo, b_hi = _time_bias(TIME_W, THRESH, dtT, gap_lo, gap_hi, log2_to_bucket, num_buckets,
+                                     SILU_MODE != 0, TIME_STEPS)
+        pbT = _pos_bias(POS_ROWS, stride_pr, offs_m[None, :], offs_n[:, None], start_n - start_m + pos_x0)
+        hT += 0.5 * (pbT + tbT)
     pT, dsiluT = _silu_and_grad_of_half(hT, SILU_MODE)
     if MASKED:
         okT = _allowed(rows_q[None, :], cols_k[:, None], hist, HAS_TARGETS)
@@ -367,30 +429,33 @@ def _dkdv_tile(
         pos = (max_seq_len - 1) + start_n - start_m + w - (BLOCK_M - 1)
         tl.atomic_add(DPOS + pos, diag_sum, sem="relaxed",
                       mask=(w < BLOCK_M + BLOCK_N - 1) & (pos >= 0) & (pos < 2 * max_seq_len - 1))
-        # Time table: buckets of a tile usually span a narrow range (timestamps are roughly sorted),
-        # so reduce the tile once per bucket present and keep the sums in a per-program histogram.
+        # Time table: every real element's bucket lies in the tile's [b_lo, b_hi] (a narrow range
+        # away from the diagonal), so reduce the tile once per bucket of that range, by comparisons
+        # against its two thresholds (the lower one is "any gap" for b_lo, whose bucket includes
+        # gaps of 0 below THRESH[0]), into a per-program histogram.
         valid = q_ok[None, :] & (cols_k < seq_len)[:, None]
         if MASKED:
             valid = valid & okT
-        b_lo = tl.min(tl.where(valid, bucketT, num_buckets), axis=None)
-        b_hi = tl.max(tl.where(valid, bucketT, 0), axis=None)
+        dbT = tl.where(valid, dbT, 0.0)
         bins = tl.arange(0, NUM_BINS)
         for bb in range(b_lo, b_hi + 1):
-            part = tl.sum(tl.where(bucketT == bb, dbT, 0.0), axis=None)
+            lower = tl.where(bb == b_lo, 0, tl.load(THRESH + bb))
+            upper = tl.load(THRESH + bb + 1)
+            part = tl.sum(tl.where((dtT >= lower) & (dtT < upper), dbT, 0.0), axis=None)
             t_hist += tl.where(bins == bb, part, 0.0)
     return dk, dv, t_hist
 
 
 @triton.jit(do_not_specialize=_PER_BATCH)
 def _hstu_bwd_dkdv_kernel(
-    Q, K, V, DO, DK, DV, SEQ_OFFSETS, NUM_TARGETS, POS_W, TIME_W, TS, THRESH, DPOS, DTIME,
+    Q, K, V, DO, DK, DV, SEQ_OFFSETS, NUM_TARGETS, POS_ROWS, TIME_W, TS, THRESH, DPOS, DTIME,
     stride_qm, stride_qh, stride_km, stride_kh, stride_vm, stride_vh, stride_dom, stride_doh,
-    stride_dkm, stride_dkh, stride_dvm, stride_dvh,
+    stride_dkm, stride_dkh, stride_dvm, stride_dvh, stride_pr, pos_x0,
     H, alpha, inv_max_seq_len, max_seq_len, log2_to_bucket, num_buckets,
     AUTOTUNE_LEN, MAX_LEN,
     DQ: tl.constexpr, DV_: tl.constexpr, BLOCK_DQ: tl.constexpr, BLOCK_DV: tl.constexpr,
     NUM_BINS: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, HAS_TARGETS: tl.constexpr,
-    SILU_MODE: tl.constexpr, DOT_PREC: tl.constexpr,
+    SILU_MODE: tl.constexpr, DOT_PREC: tl.constexpr, TIME_STEPS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DIAG: tl.constexpr,
 ):
     pid_bh, i = _program_tile(MAX_LEN, BLOCK_N)
@@ -419,9 +484,13 @@ def _hstu_bwd_dkdv_kernel(
                    k_ok, offs_dq < DQ, True, DQ != BLOCK_DQ)
     v = _load_tile(V + seq_start * stride_vm + h * stride_vh + cols_k[:, None] * stride_vm + offs_dv[None, :],
                    k_ok, offs_dv < DV_, True, DV_ != BLOCK_DV)
-    ts_k = offs_n  # placeholder when there is no bias (never read)
+    ts_k = offs_n  # placeholders when there is no bias (never read)
+    k_ts_lo = 0
+    k_ts_hi = 0
     if HAS_BIAS:
-        ts_k = tl.load(TS_base + cols_k, mask=k_ok, other=0)
+        ts_k = tl.load(TS_base + tl.minimum(cols_k, seq_len - 1))  # keys past the end: the last key's
+        k_ts_lo = tl.min(ts_k, axis=0)
+        k_ts_hi = tl.max(ts_k, axis=0)
     half_alpha = 0.5 * alpha
     dk = tl.zeros([BLOCK_N, BLOCK_DQ], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
@@ -443,15 +512,17 @@ def _hstu_bwd_dkdv_kernel(
     for start_m in range(lo, masked_hi, BLOCK_M):
         dk, dv, t_hist = _dkdv_tile(
             dk, dv, t_hist, k, v, q_base, do_base, start_m, start_n, offs_m, offs_n, offs_dq, offs_dv, seq_len,
-            hist, ts_k, TS_base, POS_W, TIME_W, THRESH, DPOS, stride_qm, stride_dom, half_alpha, inv_max_seq_len,
-            max_seq_len, log2_to_bucket, num_buckets, DQ, DV_, BLOCK_DQ, BLOCK_DV, BLOCK_M, BLOCK_N, DIAG,
-            NUM_BINS, True, HAS_BIAS, BIAS_GRAD, HAS_TARGETS, SILU_MODE, DOT_PREC)
+            hist, ts_k, k_ts_lo, k_ts_hi, TS_base, POS_ROWS, TIME_W, THRESH, DPOS, stride_qm, stride_dom, stride_pr,
+            pos_x0, half_alpha, inv_max_seq_len, max_seq_len, log2_to_bucket, num_buckets, DQ, DV_, BLOCK_DQ,
+            BLOCK_DV, BLOCK_M, BLOCK_N, DIAG, NUM_BINS, True, HAS_BIAS, BIAS_GRAD, HAS_TARGETS, SILU_MODE, DOT_PREC,
+            TIME_STEPS)
     for start_m in range(unmasked_lo, seq_len, BLOCK_M):
         dk, dv, t_hist = _dkdv_tile(
             dk, dv, t_hist, k, v, q_base, do_base, start_m, start_n, offs_m, offs_n, offs_dq, offs_dv, seq_len,
-            hist, ts_k, TS_base, POS_W, TIME_W, THRESH, DPOS, stride_qm, stride_dom, half_alpha, inv_max_seq_len,
-            max_seq_len, log2_to_bucket, num_buckets, DQ, DV_, BLOCK_DQ, BLOCK_DV, BLOCK_M, BLOCK_N, DIAG,
-            NUM_BINS, False, HAS_BIAS, BIAS_GRAD, HAS_TARGETS, SILU_MODE, DOT_PREC)
+            hist, ts_k, k_ts_lo, k_ts_hi, TS_base, POS_ROWS, TIME_W, THRESH, DPOS, stride_qm, stride_dom, stride_pr,
+            pos_x0, half_alpha, inv_max_seq_len, max_seq_len, log2_to_bucket, num_buckets, DQ, DV_, BLOCK_DQ,
+            BLOCK_DV, BLOCK_M, BLOCK_N, DIAG, NUM_BINS, False, HAS_BIAS, BIAS_GRAD, HAS_TARGETS, SILU_MODE, DOT_PREC,
+            TIME_STEPS)
 
     if BIAS_GRAD:
         bins = tl.arange(0, NUM_BINS)
@@ -471,12 +542,12 @@ def _hstu_bwd_dkdv_kernel(
 
 @triton.jit
 def _dq_tile(
-    dq, q, do, k_base, v_base, start_n, offs_m, offs_n, offs_dq, offs_dv, seq_len, hist, ts_q,
-    TS_base, POS_W, TIME_W, THRESH, stride_km, stride_vm, half_alpha, max_seq_len, log2_to_bucket,
-    num_buckets,
+    dq, q, do, k_base, v_base, start_m, start_n, offs_m, offs_r, offs_n, offs_dq, offs_dv, seq_len, hist, ts_q,
+    q_ts_lo, q_ts_hi, TS_base, POS_ROWS, TIME_W, THRESH, stride_km, stride_vm, stride_pr, pos_x0, half_alpha,
+    log2_to_bucket, num_buckets,
     DQ: tl.constexpr, DV: tl.constexpr, BLOCK_DQ: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASKED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_TARGETS: tl.constexpr,
-    SILU_MODE: tl.constexpr, DOT_PREC: tl.constexpr,
+    SILU_MODE: tl.constexpr, DOT_PREC: tl.constexpr, TIME_STEPS: tl.constexpr,
 ):
     cols = start_n + offs_n
     cols_ok = cols < seq_len
@@ -486,11 +557,12 @@ def _dq_tile(
                    MASKED, DV != BLOCK_DV)
     h = _mma(q, tl.trans(k), None, DOT_PREC) * half_alpha
     if HAS_BIAS:
-        ts_k = tl.load(TS_base + cols, mask=cols_ok, other=0)
-        bias, _ = _rel_bias(POS_W, TIME_W, THRESH, tl.minimum(offs_m, seq_len - 1)[:, None],
-                            tl.minimum(cols, seq_len - 1)[None, :], ts_q[:, None], ts_k[None, :], max_seq_len,
-                            log2_to_bucket, num_buckets, SILU_MODE != 0)
-        h += 0.5 * bias
+        ts_k = tl.load(TS_base + tl.minimum(cols, seq_len - 1))
+        gap_lo, gap_hi = _gap_range(q_ts_lo, q_ts_hi, ts_k)
+        tb, _, _ = _time_bias(TIME_W, THRESH, tl.abs(ts_q[:, None] - ts_k[None, :]), gap_lo, gap_hi,
+                              log2_to_bucket, num_buckets, SILU_MODE != 0, TIME_STEPS)
+        pb = _pos_bias(POS_ROWS, stride_pr, offs_r[:, None], offs_n[None, :], start_n - start_m + pos_x0)
+        h += 0.5 * (pb + tb)
     dsilu = _silu_grad_of_half(h, SILU_MODE)
     if MASKED:
         dsilu = tl.where(_allowed(offs_m[:, None], cols[None, :], hist, HAS_TARGETS), dsilu, 0.0)
@@ -501,14 +573,14 @@ def _dq_tile(
 
 @triton.jit(do_not_specialize=_PER_BATCH)
 def _hstu_bwd_dq_kernel(
-    Q, K, V, DO, DQ_OUT, SEQ_OFFSETS, NUM_TARGETS, POS_W, TIME_W, TS, THRESH,
+    Q, K, V, DO, DQ_OUT, SEQ_OFFSETS, NUM_TARGETS, POS_ROWS, TIME_W, TS, THRESH,
     stride_qm, stride_qh, stride_km, stride_kh, stride_vm, stride_vh, stride_dom, stride_doh,
-    stride_dqm, stride_dqh,
+    stride_dqm, stride_dqh, stride_pr, pos_x0,
     H, alpha, inv_max_seq_len, max_seq_len, log2_to_bucket, num_buckets,
     AUTOTUNE_LEN, MAX_LEN,
     DQ: tl.constexpr, DV: tl.constexpr, BLOCK_DQ: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_TARGETS: tl.constexpr, SILU_MODE: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LOOP_STAGES: tl.constexpr = None,
+    TIME_STEPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LOOP_STAGES: tl.constexpr = None,
 ):
     pid_bh, i = _program_tile(MAX_LEN, BLOCK_M)
     b = pid_bh // H
@@ -523,7 +595,8 @@ def _hstu_bwd_dq_kernel(
     if HAS_TARGETS:
         hist = tl.minimum(tl.maximum(seq_len - tl.load(NUM_TARGETS + b).to(tl.int32), 0), seq_len)
 
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, BLOCK_M)
+    offs_m = start_m + offs_r
     offs_n = tl.arange(0, BLOCK_N)
     offs_dq = tl.arange(0, BLOCK_DQ)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -535,29 +608,33 @@ def _hstu_bwd_dq_kernel(
                    rows_ok, offs_dq < DQ, True, DQ != BLOCK_DQ)
     do = _load_tile(DO + seq_start * stride_dom + h * stride_doh + offs_m[:, None] * stride_dom + offs_dv[None, :],
                     rows_ok, offs_dv < DV, True, DV != BLOCK_DV)
-    ts_q = offs_m
+    ts_q = offs_m  # placeholders when there is no bias (never read)
+    q_ts_lo = 0
+    q_ts_hi = 0
     if HAS_BIAS:
-        ts_q = tl.load(TS_base + offs_m, mask=rows_ok, other=0)
+        ts_q = tl.load(TS_base + tl.minimum(offs_m, seq_len - 1))
+        q_ts_lo = tl.min(ts_q, axis=0)
+        q_ts_hi = tl.max(ts_q, axis=0)
     half_alpha = 0.5 * alpha
     dq = tl.zeros([BLOCK_M, BLOCK_DQ], dtype=tl.float32)
 
     full_end, a_end, b_start, hi = _key_ranges(start_m, seq_len, hist, BLOCK_M, BLOCK_N, HAS_TARGETS)
     for start_n in tl.range(0, full_end, BLOCK_N, num_stages=LOOP_STAGES):
-        dq = _dq_tile(dq, q, do, k_base, v_base, start_n, offs_m, offs_n, offs_dq, offs_dv, seq_len, hist, ts_q,
-                      TS_base, POS_W, TIME_W, THRESH, stride_km, stride_vm, half_alpha, max_seq_len,
-                      log2_to_bucket, num_buckets, DQ, DV, BLOCK_DQ, BLOCK_DV,
-                      False, HAS_BIAS, HAS_TARGETS, SILU_MODE, DOT_PREC)
+        dq = _dq_tile(dq, q, do, k_base, v_base, start_m, start_n, offs_m, offs_r, offs_n, offs_dq, offs_dv, seq_len,
+                      hist, ts_q, q_ts_lo, q_ts_hi, TS_base, POS_ROWS, TIME_W, THRESH, stride_km, stride_vm,
+                      stride_pr, pos_x0, half_alpha, log2_to_bucket, num_buckets, DQ, DV, BLOCK_DQ, BLOCK_DV,
+                      False, HAS_BIAS, HAS_TARGETS, SILU_MODE, DOT_PREC, TIME_STEPS)
     for start_n in tl.range(full_end, a_end, BLOCK_N, num_stages=LOOP_STAGES):
-        dq = _dq_tile(dq, q, do, k_base, v_base, start_n, offs_m, offs_n, offs_dq, offs_dv, seq_len, hist, ts_q,
-                      TS_base, POS_W, TIME_W, THRESH, stride_km, stride_vm, half_alpha, max_seq_len,
-                      log2_to_bucket, num_buckets, DQ, DV, BLOCK_DQ, BLOCK_DV,
-                      True, HAS_BIAS, HAS_TARGETS, SILU_MODE, DOT_PREC)
+        dq = _dq_tile(dq, q, do, k_base, v_base, start_m, start_n, offs_m, offs_r, offs_n, offs_dq, offs_dv, seq_len,
+                      hist, ts_q, q_ts_lo, q_ts_hi, TS_base, POS_ROWS, TIME_W, THRESH, stride_km, stride_vm,
+                      stride_pr, pos_x0, half_alpha, log2_to_bucket, num_buckets, DQ, DV, BLOCK_DQ, BLOCK_DV,
+                      True, HAS_BIAS, HAS_TARGETS, SILU_MODE, DOT_PREC, TIME_STEPS)
     if HAS_TARGETS:
         for start_n in tl.range(b_start, hi, BLOCK_N, num_stages=LOOP_STAGES):
-            dq = _dq_tile(dq, q, do, k_base, v_base, start_n, offs_m, offs_n, offs_dq, offs_dv, seq_len, hist,
-                          ts_q, TS_base, POS_W, TIME_W, THRESH, stride_km, stride_vm, half_alpha, max_seq_len,
-                          log2_to_bucket, num_buckets, DQ, DV, BLOCK_DQ, BLOCK_DV,
-                          True, HAS_BIAS, HAS_TARGETS, SILU_MODE, DOT_PREC)
+            dq = _dq_tile(dq, q, do, k_base, v_base, start_m, start_n, offs_m, offs_r, offs_n, offs_dq, offs_dv,
+                          seq_len, hist, ts_q, q_ts_lo, q_ts_hi, TS_base, POS_ROWS, TIME_W, THRESH, stride_km,
+                          stride_vm, stride_pr, pos_x0, half_alpha, log2_to_bucket, num_buckets, DQ, DV, BLOCK_DQ,
+                          BLOCK_DV, True, HAS_BIAS, HAS_TARGETS, SILU_MODE, DOT_PREC, TIME_STEPS)
 
     dq = dq * (alpha * inv_max_seq_len)
     dq_ptrs = DQ_OUT + seq_start * stride_dqm + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_dq[None, :]
@@ -608,12 +685,12 @@ _INTERPRETER_CONFIGS = {
 # spills.  Within one program the tensor-core work and the SiLU's special-function work of a tile
 # run one after the other (both warpgroups wait at the same barriers), so configs that fit two
 # programs on an SM (4 warps, or 8 warps capped at 128 registers) let one program's matmuls
-# overlap the other's tanh.  The in-kernel bias costs registers (gathered table entries, the
-# time-bucket arithmetic, and in dK/dV the diagonal gather of dS), so the bias variants use
+# overlap the other's tanh.  The in-kernel bias costs registers (the position tile, the time
+# buckets' arithmetic and lookups, and in dK/dV the diagonal gather of dS), so the bias variants use
 # narrower tiles, and at most two candidates each to bound autotuning compile time.  Their forward
-# and dQ loops are not software-pipelined (loop_stages=1): the pipeliner would stage every gathered
-# table entry through shared memory one 4-byte copy at a time, which cost 4x the forward's time at
-# N=4096 (70.6 against 16.2 ms on an H200; `docs/benchmarks.md`).  Head dims
+# and dQ loops are not software-pipelined (loop_stages=1): pipelined, the time bias's per-tile scalar
+# work and lookups made the forward 2x slower at N=4096 (24.2 against 12.1 ms on an H200, and 4x
+# before the position tile; `docs/benchmarks.md`).  Head dims
 # above 128 double the tiles' shared memory and registers; their candidates are the small ones.
 _CONFIGS = {
     "fwd": {
@@ -666,7 +743,7 @@ def _pruner(which: str):
     return prune
 
 
-_KEYS = ["AUTOTUNE_LEN", "BLOCK_DQ", "BLOCK_DV", "HAS_BIAS", "HAS_TARGETS", "SILU_MODE", "DOT_PREC"]
+_KEYS = ["AUTOTUNE_LEN", "BLOCK_DQ", "BLOCK_DV", "HAS_BIAS", "HAS_TARGETS", "SILU_MODE", "DOT_PREC", "TIME_STEPS"]
 
 
 @functools.cache
@@ -695,6 +772,8 @@ def _launch(which: str, kernel, grid_rows, bh: int, args: tuple, meta: dict) -> 
         tuned[lambda m: (bh * triton.cdiv(grid_rows, m[_GRID_BLOCK[which]]),)](*args, **meta)
         return
     blocks = dict(cfg.kwargs)
+    if meta["HAS_BIAS"] and blocks["BLOCK_M"] > _POS_ROWS:
+        raise ValueError(f"BLOCK_M={blocks['BLOCK_M']} with the relative bias: at most {_POS_ROWS} query rows a tile")
     if which == "dkdv" and "DIAG" not in blocks:
         blocks["DIAG"] = _diag(blocks["BLOCK_M"], blocks["BLOCK_N"])
     # The interpreter runs no compiler: warps, stages and register caps mean nothing to it.
@@ -876,6 +955,44 @@ class _Meta:
                 self.num_buckets, self.autotune_len, self.longest)
 
 
+# Rows of the position-bias matrix: at least the query rows of any tile (the largest candidate is 128).
+_POS_ROWS = 128
+
+
+def _round_up(x: int, to: int) -> int:
+    return -(-x // to) * to
+
+
+@functools.cache
+def _pos_row_index(max_seq_len: int, device: torch.device) -> tuple[torch.Tensor, int]:
+    """(index into [pos_weights[:2N-1], 0] of every POS_ROWS element, x0); see ``_pos_rows``."""
+    x0 = _round_up(max_seq_len + _POS_ROWS, 16)  # the largest query-block start past its key block, and more
+    width = _round_up(x0 + max_seq_len + 2 * _POS_ROWS, 16)
+    idx = (max_seq_len - 1 - x0) + torch.arange(width, device=device)[None, :] - \
+        torch.arange(_POS_ROWS, device=device)[:, None]
+    return torch.where((idx >= 0) & (idx < 2 * max_seq_len - 1), idx, 2 * max_seq_len - 1), x0
+
+
+def _pos_rows(pos_w: torch.Tensor, max_seq_len: int, dtype: torch.dtype) -> tuple[torch.Tensor, int]:
+    """The position table laid out for tile loads: (POS_ROWS [128, W] in ``dtype``, x0).
+
+    POS_ROWS[r, x] = pos_weights[max_seq_len - 1 + (x - x0) - r] (0 outside the table), so a tile
+    whose key block starts d positions after its query block (d < 0 before it) reads element (r, c)
+    at POS_ROWS[r, x0 + d + c]: one contiguous, 16-element aligned run per row instead of a gather
+    per element (its rows shift by one place each, which a single copy of the table cannot align).
+    1 MB at N=4096 in bf16, rebuilt per call (a gather of pos_weights, which changes every step).
+    16-bit for 16-bit inputs: the bias is added to scores whose silu is rounded to 16 bits anyway.
+    """
+    idx, x0 = _pos_row_index(max_seq_len, pos_w.device)
+    table = torch.cat([pos_w.detach()[: 2 * max_seq_len - 1], pos_w.new_zeros(1)]).to(dtype)
+    return table[idx], x0
+
+
+def time_steps() -> int:
+    """The widest bucket range a tile evaluates by comparisons (``_time_bias``); env knob."""
+    return int(os.environ.get("HSTU_ATTN_TIME_STEPS", "8"))
+
+
 def _block_d(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
@@ -884,19 +1001,27 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _bias_args(meta: _Meta, pos_w, time_w, dtype) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """(POS_ROWS, x0, time_weights) for the kernels; placeholders (never read) without a bias."""
+    if not meta.has_bias:
+        return meta.seq_offsets[None, :], 0, meta.seq_offsets
+    rows, x0 = _pos_rows(pos_w, meta.max_seq_len, dtype)
+    return rows, x0, time_w
+
+
 def _forward(q, k, v, meta: _Meta, pos_w, time_w) -> torch.Tensor:
     L, H, dq = q.shape
     dv = v.shape[2]
     out = _new_output((L, H, dv), v, meta.covered)
     if meta.B == 0 or meta.longest == 0 or H == 0:
         return out
-    pw = pos_w if meta.has_bias else meta.seq_offsets
-    tw = time_w if meta.has_bias else meta.seq_offsets
-    args = (q, k, v, out, meta.seq_offsets, meta.num_targets, pw, tw, meta.ts, meta.thresh,
+    rows, x0, tw = _bias_args(meta, pos_w, time_w, q.dtype)
+    args = (q, k, v, out, meta.seq_offsets, meta.num_targets, rows, tw, meta.ts, meta.thresh,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            out.stride(0), out.stride(1), *meta.scalars())
+            out.stride(0), out.stride(1), rows.stride(0), x0, *meta.scalars())
     kw = dict(DQ=dq, DV=dv, BLOCK_DQ=_block_d(dq), BLOCK_DV=_block_d(dv), HAS_BIAS=meta.has_bias,
-              HAS_TARGETS=meta.has_targets, SILU_MODE=meta.silu_mode, DOT_PREC=meta.dot_prec)
+              HAS_TARGETS=meta.has_targets, SILU_MODE=meta.silu_mode, DOT_PREC=meta.dot_prec,
+              TIME_STEPS=time_steps())
     _launch("fwd", _hstu_fwd_kernel, meta.longest, meta.B * H, args, kw)
     return out
 
@@ -913,21 +1038,22 @@ def _backward(q, k, v, do, meta: _Meta, pos_w, time_w, bias_grad: bool):
         dtime = torch.zeros(time_w.numel(), dtype=torch.float32, device=q.device)
     if meta.B == 0 or meta.longest == 0 or H == 0:
         return dq, dk, dv, dpos, dtime
-    pw = pos_w if meta.has_bias else meta.seq_offsets
-    tw = time_w if meta.has_bias else meta.seq_offsets
+    rows, x0, tw = _bias_args(meta, pos_w, time_w, q.dtype)
     common = dict(DQ=dq_dim, BLOCK_DQ=_block_d(dq_dim), BLOCK_DV=_block_d(dv_dim), HAS_BIAS=meta.has_bias,
-                  HAS_TARGETS=meta.has_targets, SILU_MODE=meta.silu_mode, DOT_PREC=meta.dot_prec)
+                  HAS_TARGETS=meta.has_targets, SILU_MODE=meta.silu_mode, DOT_PREC=meta.dot_prec,
+                  TIME_STEPS=time_steps())
     scratch = torch.zeros(1, dtype=torch.float32, device=q.device)
-    args = (q, k, v, do, dk, dv, meta.seq_offsets, meta.num_targets, pw, tw, meta.ts, meta.thresh,
+    args = (q, k, v, do, dk, dv, meta.seq_offsets, meta.num_targets, rows, tw, meta.ts, meta.thresh,
             dpos if bias_grad else scratch, dtime if bias_grad else scratch,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            do.stride(0), do.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), *meta.scalars())
+            do.stride(0), do.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+            rows.stride(0), x0, *meta.scalars())
     _launch("dkdv", _hstu_bwd_dkdv_kernel, meta.longest, meta.B * H, args,
             dict(common, DV_=dv_dim, NUM_BINS=triton.next_power_of_2(max(meta.num_buckets + 1, 2)),
                  BIAS_GRAD=bias_grad))
-    args = (q, k, v, do, dq, meta.seq_offsets, meta.num_targets, pw, tw, meta.ts, meta.thresh,
+    args = (q, k, v, do, dq, meta.seq_offsets, meta.num_targets, rows, tw, meta.ts, meta.thresh,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            do.stride(0), do.stride(1), dq.stride(0), dq.stride(1), *meta.scalars())
+            do.stride(0), do.stride(1), dq.stride(0), dq.stride(1), rows.stride(0), x0, *meta.scalars())
     _launch("dq", _hstu_bwd_dq_kernel, meta.longest, meta.B * H, args, dict(common, DV=dv_dim))
     return dq, dk, dv, dpos, dtime
 
